@@ -1,0 +1,32 @@
+"""Shared test setup (DESIGN.md, "Numerics in tests"): float32 with highest matmul precision on the JAX
+side, TF32 off on the torch side, fixed seeds. Tests that need several JAX devices run in a subprocess
+with XLA_FLAGS set (see tests/ for the helper), so this process keeps the default single CPU device."""
+
+import os
+import random
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+try:  # torch is a test dependency, but unit tests under tests/ must not need it
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+except ImportError:  # pragma: no cover
+    torch = None
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    random.seed(0)
+    np.random.seed(0)
+    if torch is not None:
+        torch.manual_seed(0)
+    yield

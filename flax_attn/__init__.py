@@ -1,0 +1,30 @@
+"""flax-attn: SE / CBAM attention blocks for Flax, a JAX-native Grad-CAM family, and a PyTorch parity suite."""
+
+from flax_attn.layers import (
+    CBAM,
+    BatchNorm,
+    ChannelAttention,
+    SpatialAttention,
+    SqueezeExcite,
+    create_attn,
+    get_attn,
+    list_attn,
+    make_divisible,
+    register_attn,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNorm",
+    "CBAM",
+    "ChannelAttention",
+    "SpatialAttention",
+    "SqueezeExcite",
+    "__version__",
+    "create_attn",
+    "get_attn",
+    "list_attn",
+    "make_divisible",
+    "register_attn",
+]

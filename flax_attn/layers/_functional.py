@@ -1,0 +1,297 @@
+"""Pure-function math shared by the NNX blocks (:mod:`flax_attn.layers`) and their Linen twins.
+
+Everything here is channels-last (``(N, *spatial, C)``), free of module state and traceable under
+``jax.jit``/``jax.grad``/``jax.vmap``. The NNX and Linen modules only own parameters; the arithmetic is
+written once, here, so the two APIs cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+ActivationLike = str | Callable[[Array], Array]
+
+# --------------------------------------------------------------------------------------------------
+# activations and gates
+# --------------------------------------------------------------------------------------------------
+
+
+def _gelu_exact(x: Array) -> Array:
+    # torch.nn.GELU() is the exact (erf) form; jax.nn.gelu defaults to the tanh approximation.
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _identity(x: Array) -> Array:
+    return x
+
+
+_ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "relu": jax.nn.relu,
+    "relu6": jax.nn.relu6,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": _gelu_exact,
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "hard_swish": jax.nn.hard_swish,
+    "leaky_relu": lambda x: jax.nn.leaky_relu(x, 0.01),  # torch default negative_slope
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+    # torch.nn.Hardsigmoid: relu6(x + 3) / 6 (jax.nn.hard_sigmoid is the same formula)
+    "hard_sigmoid": jax.nn.hard_sigmoid,
+    "identity": _identity,
+}
+
+GATES: tuple[str, ...] = ("sigmoid", "hard_sigmoid", "tanh", "identity")
+
+
+def resolve_activation(act: ActivationLike, *, argname: str = "act") -> Callable[[Array], Array]:
+    """Turns an activation name (``"relu"``, ``"silu"``, ``"hard_sigmoid"`` ...) or a callable into a callable.
+
+    The names follow PyTorch semantics (``"gelu"`` is the exact erf form, as ``torch.nn.GELU()``).
+    """
+    if callable(act):
+        return act
+    if isinstance(act, str):
+        key = act.lower().replace("-", "_")
+        if key in _ACTIVATIONS:
+            return _ACTIVATIONS[key]
+        raise ValueError(
+            f"unknown {argname} {act!r}: expected a callable or one of {sorted(_ACTIVATIONS)}"
+        )
+    raise TypeError(f"{argname} must be a string or a callable, got {type(act).__name__}")
+
+
+# --------------------------------------------------------------------------------------------------
+# widths
+# --------------------------------------------------------------------------------------------------
+
+
+def make_divisible(
+    value: float, divisor: int = 8, min_value: int | None = None, round_limit: float = 0.9
+) -> int:
+    """Rounds ``value`` to the nearest multiple of ``divisor`` (torchvision's ``_make_divisible``,
+    timm's ``make_divisible``): never below ``min_value`` (default ``divisor``) and never more than
+    ``1 - round_limit`` below ``value``.
+
+    >>> make_divisible(18, 8)   # MobileNetV3: 72 channels // 4 -> 24
+    24
+    """
+    if divisor < 1:
+        raise ValueError(f"divisor must be >= 1, got {divisor}")
+    min_value = min_value or divisor
+    new_value = max(min_value, int(value + divisor / 2) // divisor * divisor)
+    if new_value < round_limit * value:
+        new_value += divisor
+    return int(new_value)
+
+
+def hidden_width(
+    channels: int,
+    *,
+    reduction: float = 16,
+    hidden_channels: int | None = None,
+    divisor: int | None = None,
+    round_limit: float = 0.0,
+    min_hidden: int = 1,
+) -> int:
+    """Hidden width of a channel-attention MLP.
+
+    * ``hidden_channels`` given: used as is (it must be >= 1).
+    * ``divisor=None`` (default): ``max(min_hidden, channels // reduction)``, the floor rule of the SE
+      paper's code, the source article's ``SELayer`` and the official CBAM code.
+    * ``divisor=d``: ``make_divisible(channels / reduction, d, min_value=min_hidden or d, round_limit)``,
+      the rule of timm (``rd_divisor``, ``round_limit=0``) and torchvision (``round_limit=0.9``).
+    """
+    if channels < 1:
+        raise ValueError(f"channels must be >= 1, got {channels}")
+    if hidden_channels is not None:
+        if int(hidden_channels) < 1:
+            raise ValueError(f"hidden_channels must be >= 1, got {hidden_channels}")
+        return int(hidden_channels)
+    if not reduction > 0:
+        raise ValueError(f"reduction must be > 0, got {reduction}")
+    if divisor is None:
+        return max(int(min_hidden), int(channels // reduction))
+    return make_divisible(channels / reduction, divisor, min_value=min_hidden if min_hidden > 1 else None,
+                          round_limit=round_limit)
+
+
+# --------------------------------------------------------------------------------------------------
+# input validation
+# --------------------------------------------------------------------------------------------------
+
+
+def _layout(spatial_dims: int | None) -> str:
+    names = {1: "(N, L, C)", 2: "(N, H, W, C)", 3: "(N, D, H, W, C)"}
+    if spatial_dims is None:
+        return "(N, L, C), (N, H, W, C) or (N, D, H, W, C)"
+    return names.get(spatial_dims, f"(N, {spatial_dims} spatial dims..., C)")
+
+
+def check_input(x: Any, channels: int, who: str, spatial_dims: int | None = None) -> None:
+    """Raises a clear error unless ``x`` is a channels-last feature map with ``channels`` channels.
+
+    ``spatial_dims=None`` accepts 1 to 3 spatial dimensions; an int requires exactly that many.
+    """
+    shape = getattr(x, "shape", None)
+    if shape is None:
+        raise TypeError(f"{who} expects an array, got {type(x).__name__}")
+    ndim = len(shape)
+    ok_rank = (3 <= ndim <= 5) if spatial_dims is None else ndim == spatial_dims + 2
+    if not ok_rank:
+        raise ValueError(
+            f"{who} expects a channels-last input of shape {_layout(spatial_dims)} with C={channels}, "
+            f"got rank {ndim} shape {tuple(shape)}"
+        )
+    if shape[-1] != channels:
+        hint = ": did you pass channels-first (NCHW) data?" if ndim > 2 and shape[1] == channels else ""
+        raise ValueError(
+            f"{who} expects channels-last input with {channels} channels (last axis), got shape "
+            f"{tuple(shape)}{hint}"
+        )
+    if not jnp.issubdtype(getattr(x, "dtype", jnp.float32), jnp.floating):
+        raise TypeError(f"{who} expects a floating-point input, got dtype {x.dtype}")
+
+
+def spatial_axes(x: Array) -> tuple[int, ...]:
+    return tuple(range(1, x.ndim - 1))
+
+
+# --------------------------------------------------------------------------------------------------
+# channel pooling (squeeze): (N, *spatial, C) -> (N, C)
+# --------------------------------------------------------------------------------------------------
+
+POOL_TYPES: tuple[str, ...] = ("avg", "max", "lp", "lse")
+_POOL_ALIASES = {"mean": "avg", "avg": "avg", "max": "max", "lp": "lp", "lse": "lse"}
+
+
+def normalize_pool_types(pool_types: str | Sequence[str], argname: str = "pool_types") -> tuple[str, ...]:
+    """Validates a channel-pool list: a non-empty sequence of ``avg``/``max``/``lp``/``lse`` (``mean`` = ``avg``)."""
+    if isinstance(pool_types, str):
+        pool_types = (pool_types,)
+    pool_types = tuple(pool_types)
+    if not pool_types:
+        raise ValueError(f"{argname} must be a non-empty sequence drawn from {POOL_TYPES}, got ()")
+    out = []
+    for p in pool_types:
+        key = _POOL_ALIASES.get(str(p).lower()) if isinstance(p, str) else None
+        if key is None:
+            raise ValueError(f"unknown pool type {p!r} in {argname}: expected one of {POOL_TYPES}")
+        out.append(key)
+    return tuple(out)
+
+
+def global_pool(x: Array, kind: str) -> Array:
+    """Global pooling over the spatial axes of a channels-last map: ``(N, *spatial, C) -> (N, C)``.
+
+    ``lp`` is the L2 pool of ``torch.nn.functional.lp_pool2d(x, 2, kernel=(H, W))``:
+    ``sqrt(mean(x**2) * H * W)``, computed in that order as torch does; ``lse`` is log-sum-exp.
+    """
+    axes = spatial_axes(x)
+    if kind == "avg":
+        return jnp.mean(x, axis=axes)
+    if kind == "max":
+        return jnp.max(x, axis=axes)
+    if kind == "lp":
+        n = math.prod(x.shape[a] for a in axes)
+        return jnp.sqrt(jnp.mean(jnp.square(x), axis=axes) * n)
+    if kind == "lse":
+        return jax.nn.logsumexp(x, axis=axes)
+    raise ValueError(f"unknown pool type {kind!r}: expected one of {POOL_TYPES}")
+
+
+# --------------------------------------------------------------------------------------------------
+# spatial compression: (N, *spatial, C) -> (N, *spatial, K)
+# --------------------------------------------------------------------------------------------------
+
+COMPRESS_POOLS: tuple[str, ...] = ("max", "mean")
+_COMPRESS_ALIASES = {"max": "max", "mean": "mean", "avg": "mean"}
+
+
+def normalize_compress(compress: str | Sequence[str]) -> str | tuple[str, ...]:
+    """``"conv"`` (learned 1x1 convolution) or a non-empty concat order drawn from ``max``/``mean``."""
+    if isinstance(compress, str):
+        if compress.lower() == "conv":
+            return "conv"
+        compress = (compress,)
+    compress = tuple(compress)
+    if not compress:
+        raise ValueError("compress must be 'conv' or a non-empty sequence of 'max'/'mean', got ()")
+    out = []
+    for c in compress:
+        key = _COMPRESS_ALIASES.get(str(c).lower()) if isinstance(c, str) else None
+        if key is None:
+            raise ValueError(f"unknown spatial compression {c!r}: expected 'conv' or a sequence of 'max'/'mean'")
+        out.append(key)
+    return tuple(out)
+
+
+def channel_compress(x: Array, order: Sequence[str], fusion: str = "concat") -> Array:
+    """Pools over the channel axis and concatenates in ``order`` (``fusion="concat"``, CBAM), or averages
+    the pooled maps into one channel (``fusion="mean"``, timm's LightSpatialAttn)."""
+    maps = [jnp.max(x, axis=-1, keepdims=True) if k == "max" else jnp.mean(x, axis=-1, keepdims=True)
+            for k in order]
+    if fusion == "concat":
+        return maps[0] if len(maps) == 1 else jnp.concatenate(maps, axis=-1)
+    if fusion == "mean":
+        return sum(maps[1:], maps[0]) / len(maps) if len(maps) > 1 else maps[0]
+    raise ValueError(f"unknown compress_fusion {fusion!r}: expected 'concat' or 'mean'")
+
+
+def check_kernel_size(kernel_size: int) -> int:
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int):
+        raise TypeError(f"kernel_size must be an odd int, got {kernel_size!r}")
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(
+            f"kernel_size must be a positive odd int (padding (k-1)//2 keeps the map size), got {kernel_size}"
+        )
+    return kernel_size
+
+
+def check_spatial_dims(spatial_dims: int) -> int:
+    if spatial_dims not in (1, 2, 3):
+        raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
+    return spatial_dims
+
+
+# --------------------------------------------------------------------------------------------------
+# BatchNorm with PyTorch semantics
+# --------------------------------------------------------------------------------------------------
+
+
+def batch_moments(x: Array) -> tuple[Array, Array, int]:
+    """Per-channel mean and *biased* variance over all but the last axis, plus the element count."""
+    axes = tuple(range(x.ndim - 1))
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    mean = jnp.mean(xf, axis=axes)
+    var = jnp.mean(jnp.square(xf - mean), axis=axes)
+    n = math.prod(x.shape[a] for a in axes)
+    return mean, var, n
+
+
+def running_update(running: Array, batch: Array, momentum: float) -> Array:
+    """Flax-convention exponential average: ``momentum * running + (1 - momentum) * batch``.
+
+    PyTorch writes ``(1 - m) * running + m * batch`` with ``m = 1 - momentum``; the same number.
+    """
+    return momentum * running + (1.0 - momentum) * batch
+
+
+def unbiased(var: Array, n: int) -> Array:
+    """PyTorch stores the unbiased variance ``var * n / (n - 1)`` in ``running_var``."""
+    return var * (n / (n - 1)) if n > 1 else var
+
+
+def normalize(x: Array, mean: Array, var: Array, scale: Array | None, bias: Array | None, eps: float) -> Array:
+    y = (x - mean) * jax.lax.rsqrt(var + eps)
+    if scale is not None:
+        y = y * scale
+    if bias is not None:
+        y = y + bias
+    return y

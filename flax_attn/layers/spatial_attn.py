@@ -1,0 +1,123 @@
+"""Spatial attention: CBAM's Spatial Attention Module (SAM).
+
+Woo et al., "CBAM: Convolutional Block Attention Module", ECCV 2018, section 3.1 and table 3.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flax_attn.layers import _functional as F
+from flax_attn.layers.norm import BatchNorm
+
+Dtype = Any
+
+
+class SpatialAttention(nnx.Module):
+    """CBAM's Spatial Attention Module: ``y = x * gate(bn(conv_k(compress(x))))``.
+
+    ``compress`` squeezes the channel axis of a channels-last map:
+
+    * a concat order of channel pools, e.g. ``("mean", "max")`` (the paper's ``[AvgPool; MaxPool]``,
+      default) or ``("max", "mean")`` (the official code's ``ChannelPool``); with
+      ``compress_fusion="mean"`` the pooled maps are averaged into one channel (timm's light variant);
+    * ``"conv"``: a learned 1x1 convolution ``compress`` from ``C`` to ``compress_channels`` maps (the
+      paper's ablation; the paper does not state the width, 2 keeps the 7x7 conv's shape of the pooled case).
+
+    A ``kernel_size`` x ... convolution ``conv`` (any odd size, padding ``(k - 1) // 2`` so the map keeps its
+    size; the paper compares 3 and 7) maps the compressed channels to one attention logit per position, an
+    optional :class:`BatchNorm` ``bn`` follows (the official code: no conv bias, BN with torch momentum 0.01),
+    then the gate. The map is broadcast over the channels.
+
+    Args:
+        channels: input channels ``C`` (checked at call time; sizes the ``"conv"`` compression).
+        kernel_size: odd spatial kernel size, default 7.
+        spatial_dims: 1, 2 (default) or 3 spatial dimensions.
+        compress: concat order of ``"max"``/``"mean"`` pools, or ``"conv"``.
+        compress_fusion: ``"concat"`` (default) or ``"mean"``.
+        compress_channels: output width of the ``"conv"`` compression.
+        use_bn: BatchNorm after the conv (default False, the paper's equation).
+        conv_bias: bias in the conv; default ``not use_bn``.
+        bn_momentum, bn_eps: BatchNorm options (Flax momentum convention, torch momentum = 1 - momentum).
+        gate: gate name or callable, default ``"sigmoid"``.
+
+    Parameters: ``conv.kernel (k, k, K, 1)``, ``conv.bias``, ``bn.scale``, ``bn.bias`` (+ statistics),
+    ``compress.kernel``/``compress.bias`` for ``compress="conv"``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> sam = SpatialAttention(64, kernel_size=7, rngs=nnx.Rngs(0))
+        >>> sam(jnp.ones((2, 7, 9, 64))).shape
+        (2, 7, 9, 64)
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        kernel_size: int = 7,
+        spatial_dims: int = 2,
+        compress: str | Sequence[str] = ("mean", "max"),
+        compress_fusion: str = "concat",
+        compress_channels: int = 2,
+        use_bn: bool = False,
+        conv_bias: bool | None = None,
+        bn_momentum: float = 0.9,
+        bn_eps: float = 1e-5,
+        gate: F.ActivationLike = "sigmoid",
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"channels must be a positive int, got {channels!r}")
+        self.channels = channels
+        self.kernel_size = F.check_kernel_size(kernel_size)
+        self.spatial_dims = F.check_spatial_dims(spatial_dims)
+        self.compress_mode = F.normalize_compress(compress)
+        if compress_fusion not in ("concat", "mean"):
+            raise ValueError(f"unknown compress_fusion {compress_fusion!r}: expected 'concat' or 'mean'")
+        self.compress_fusion = compress_fusion
+        self.gate_fn = F.resolve_activation(gate, argname="gate")
+        self.dtype = dtype
+        conv_bias = (not use_bn) if conv_bias is None else conv_bias
+        if self.compress_mode == "conv":
+            if compress_channels < 1:
+                raise ValueError(f"compress_channels must be >= 1, got {compress_channels}")
+            self.compress = nnx.Conv(channels, compress_channels, (1,) * spatial_dims, padding="VALID",
+                                     dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            k_in = compress_channels
+        else:
+            self.compress = None
+            k_in = 1 if compress_fusion == "mean" else len(self.compress_mode)
+        pad = (kernel_size - 1) // 2
+        self.conv = nnx.Conv(k_in, 1, (kernel_size,) * spatial_dims, padding=((pad, pad),) * spatial_dims,
+                             use_bias=conv_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.bn = (BatchNorm(1, momentum=bn_momentum, epsilon=bn_eps, dtype=dtype, param_dtype=param_dtype,
+                             rngs=rngs) if use_bn else None)
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Pre-gate spatial logits, shape ``(N, *spatial, 1)``."""
+        F.check_input(x, self.channels, f"SpatialAttention({self.channels})", self.spatial_dims)
+        if self.compress is not None:
+            z = self.compress(x)
+        else:
+            z = F.channel_compress(x, self.compress_mode, self.compress_fusion)
+        z = self.conv(z)
+        if self.bn is not None:
+            z = self.bn(z)
+        return z
+
+    def attention_map(self, x: jax.Array) -> jax.Array:
+        """The spatial attention ``M_s(x)``, shape ``(N, *spatial, 1)``."""
+        return self.gate_fn(self.logits(x))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        m = self.attention_map(x)
+        return x.astype(m.dtype) * m
