@@ -1,0 +1,127 @@
+"""Linen front end: conversion of a variables dict ``{"params": ..., "batch_stats": ...}``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax_attn.convert._arrays import to_torch
+from flax_attn.convert._keymap import KeyMapLike, resolve_key_map
+from flax_attn.convert._rules import Slot, export_arrays, import_arrays, make_slot
+
+COLLECTIONS = ("params", "batch_stats")
+
+
+def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
+    out: dict[tuple, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, prefix + (str(k),)))
+        else:
+            out[prefix + (str(k),)] = v
+    return out
+
+
+def _plan(variables: Any, key_map: KeyMapLike) -> tuple[list[Slot], list[tuple], list[str]]:
+    if not isinstance(variables, Mapping):
+        hint = " (for NNX modules use torch_to_nnx / nnx_to_torch)" if hasattr(variables, "__call__") else ""
+        raise TypeError(f"variables must be a Linen variables mapping like {{'params': ..., 'batch_stats': ...}}, "
+                        f"got {type(variables).__name__}{hint}")
+    if "params" not in variables and "batch_stats" not in variables:
+        raise ValueError(f"variables must hold a 'params' (and optionally 'batch_stats') collection, got keys "
+                         f"{sorted(map(str, variables))}: pass the full variables dict, not variables['params']")
+    km = resolve_key_map(key_map)
+    slots, locs = [], []
+    for col in COLLECTIONS:
+        if col not in variables:
+            continue
+        for path, value in _flatten(variables[col]).items():
+            shape = tuple(np.shape(value))
+            dtype = getattr(value, "dtype", None) or np.asarray(value).dtype
+            slots.append(make_slot(path[:-1], path[-1], shape, dtype, km))
+            locs.append((col,) + path)
+    return slots, locs, []
+
+
+def _set(tree: Mapping, path: tuple, value: Any) -> dict:
+    out = dict(tree)
+    if len(path) == 1:
+        out[path[0]] = value
+    else:
+        out[path[0]] = _set(tree[path[0]], path[1:], value)
+    return out
+
+
+def _find(tree: Mapping, path: tuple) -> Any:
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def torch_to_linen(
+    variables: Mapping[str, Any],
+    state_dict: Mapping[str, Any],
+    *,
+    key_map: KeyMapLike = None,
+    strict: bool = True,
+    cast: bool = False,
+) -> dict:
+    """A PyTorch ``state_dict`` as Linen variables shaped like the template ``variables``.
+
+    ``variables`` (e.g. from ``module.init``) gives the tree, shapes and dtypes; its ``params`` and
+    ``batch_stats`` leaves are replaced (other collections pass through), and a new dict is returned
+    (a ``FrozenDict`` if the template is one). Rules, ``key_map`` (``None``: identity), ``strict`` and
+    ``cast`` as in :func:`torch_to_nnx`.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, numpy as np
+        >>> from flax_attn.linen import SqueezeExcite
+        >>> se = SqueezeExcite(32, reduction=16, use_bias=False)
+        >>> v = se.init(jax.random.key(0), jnp.ones((1, 4, 4, 32)))
+        >>> sd = {"fc.0.weight": np.ones((2, 32), np.float32), "fc.2.weight": np.ones((32, 2), np.float32)}
+        >>> torch_to_linen(v, sd, key_map="se_classic")["params"]["fc1"]["kernel"].shape
+        (32, 2)
+    """
+    slots, locs, problems = _plan(variables, key_map)
+    arrays = import_arrays(slots, state_dict, strict=strict, cast=cast, problems=problems)
+    frozen = type(variables).__name__ == "FrozenDict"
+    out: dict = {k: v for k, v in variables.items()}
+    for slot, loc in zip(slots, locs):
+        if slot.flax_path not in arrays:
+            continue
+        old = _find(variables, loc)
+        new = jnp.asarray(arrays[slot.flax_path])
+        sharding = getattr(old, "sharding", None)
+        if isinstance(old, jax.Array) and sharding is not None:
+            new = jax.device_put(new, sharding)
+        out = _set(out, loc, new)
+    if frozen:
+        from flax.core import freeze
+
+        return freeze(out)
+    return out
+
+
+def linen_to_numpy(variables: Mapping[str, Any], *, key_map: KeyMapLike = None) -> dict[str, np.ndarray]:
+    """Linen variables as a PyTorch-layout ``state_dict`` of numpy arrays (no torch needed)."""
+    slots, locs, problems = _plan(variables, key_map)
+    values = {s.flax_path: np.asarray(jax.device_get(_find(variables, loc))) for s, loc in zip(slots, locs)}
+    return export_arrays(slots, values, problems)
+
+
+def linen_to_torch(variables: Mapping[str, Any], *, key_map: KeyMapLike = None) -> dict[str, Any]:
+    """Linen variables as a PyTorch ``state_dict`` (CPU tensors), ready for ``load_state_dict(strict=True)``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from flax_attn.linen import CBAM
+        >>> cbam = CBAM(64, use_bn=True, compress=("max", "mean"))
+        >>> v = cbam.init(jax.random.key(0), jnp.ones((1, 5, 5, 64)))
+        >>> sorted(linen_to_torch(v, key_map="cbam_official"))[-1]
+        'SpatialGate.spatial.conv.weight'
+    """
+    return {k: to_torch(v) for k, v in linen_to_numpy(variables, key_map=key_map).items()}
