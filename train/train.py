@@ -1,0 +1,400 @@
+"""``train_and_evaluate(config, workdir)``: jitted, data-parallel training with exact resumption.
+
+Shape of a run:
+
+1. every check that can fail on bad input (names, folder, batch vs devices) runs before anything compiles;
+2. the state ``{step, params, model_state, opt_state}`` is built inside ``jax.jit`` directly replicated on a
+   mesh over all devices (``Mesh(devices, ("data",))``); batches are sharded along ``"data"``. BatchNorm's
+   batch mean/variance are plain ``jnp.mean`` over the global (sharded) batch, so XLA inserts the
+   cross-device reductions: the statistics are those of the global batch, as on one device;
+3. the train step is one jitted function that donates the state; metrics stay on the device and are fetched
+   only every ``log_every`` steps (the only host syncs in the loop), where a non-finite loss stops the run
+   naming the first bad step, before any checkpoint of the bad state can be written;
+4. orbax checkpoints every ``checkpoint_every`` steps and at the end (keep the last N); a run restarts from
+   the latest finished checkpoint (orbax writes into a temporary folder and renames it when complete, so a
+   half-written checkpoint is never seen). The data order is a function of ``(seed, step)``, so resumption
+   is exact.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from train import data as data_lib
+from train.cam import grad_cam, localisation_scores, save_cam_grid
+from train.config import Config
+from train.models import build_model, check_model_names
+
+PIXEL_MEAN, PIXEL_STD = 0.5, 0.5
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or inf; the message names the step."""
+
+
+# --------------------------------------------------------------------------------------------------
+# checks, mesh, optimiser
+# --------------------------------------------------------------------------------------------------
+
+def check_config(config: Config) -> None:
+    """Every error that bad input can cause, raised before any data is generated or anything compiled."""
+    check_model_names(config)
+    if config.dataset == "folder":
+        data_lib.check_folder(config.data_dir)
+    n = jax.device_count()
+    if config.batch_size % n:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by the number of devices {n} "
+                         f"(the global batch is split evenly over all devices)")
+    if config.dataset == "digits" and config.image_size and config.image_size < 4:
+        raise ValueError(f"image_size must be >= 4, got {config.image_size}")
+
+
+def make_mesh() -> jax.sharding.Mesh:
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
+
+
+def learning_rate_schedule(config: Config) -> optax.Schedule:
+    """Linear warm-up from 0 to ``learning_rate``, then cosine to 0, step decay, or constant."""
+    warm = min(config.warmup_steps, config.num_steps)
+    rest = max(config.num_steps - warm, 1)
+    if config.schedule == "cosine":
+        main = optax.cosine_decay_schedule(config.learning_rate, rest)
+    elif config.schedule == "step":
+        bounds = {max(int(round(m * config.num_steps)) - warm, 1): config.step_factor
+                  for m in config.step_milestones}
+        main = optax.piecewise_constant_schedule(config.learning_rate, bounds)
+    else:
+        main = optax.constant_schedule(config.learning_rate)
+    if warm == 0:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, config.learning_rate, warm), main], [warm])
+
+
+def decay_mask(params: Any) -> Any:
+    """Weight decay applies to conv and dense kernels only (ndim > 1): never to BatchNorm scales/biases or biases."""
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(config: Config) -> optax.GradientTransformation:
+    lr = learning_rate_schedule(config)
+    parts = [optax.clip_by_global_norm(config.grad_clip_norm)] if config.grad_clip_norm > 0 else []
+    if config.optimizer == "sgd":
+        if config.weight_decay > 0:
+            parts.append(optax.add_decayed_weights(config.weight_decay, mask=decay_mask))
+        parts.append(optax.sgd(lr, momentum=config.momentum or None, nesterov=config.nesterov and config.momentum > 0))
+    else:
+        parts.append(optax.adamw(lr, b1=config.momentum, weight_decay=config.weight_decay, mask=decay_mask))
+    return optax.chain(*parts)
+
+
+# --------------------------------------------------------------------------------------------------
+# the model as pure functions
+# --------------------------------------------------------------------------------------------------
+
+class Functions:
+    """Graph definitions (train and eval mode) and the jitted init / train / eval / CAM functions of a run."""
+
+    def __init__(self, config: Config, *, num_classes: int, in_chans: int, mesh: jax.sharding.Mesh):
+        self.config, self.num_classes, self.in_chans = config, num_classes, in_chans
+        self.tx = make_optimizer(config)
+        self.replicated = NamedSharding(mesh, P())
+        self.batch_sharding = NamedSharding(mesh, P("data"))
+        abstract = nnx.eval_shape(self._new_model)
+        abstract.train()
+        self.train_graphdef = nnx.graphdef(abstract)
+        abstract.eval()
+        self.eval_graphdef = nnx.graphdef(abstract)
+        self.init = jax.jit(self._init, out_shardings=self.replicated)
+        self.train_step = jax.jit(self._train_step, donate_argnums=(0,),
+                                  out_shardings=(self.replicated, self.replicated))
+        self.eval_step = jax.jit(self._eval_step, out_shardings=self.replicated)
+        self.cam_step = jax.jit(self._cam_step)
+
+    def _new_model(self) -> nnx.Module:
+        return build_model(self.config, num_classes=self.num_classes, in_chans=self.in_chans,
+                           rngs=nnx.Rngs(self.config.seed))
+
+    def _init(self) -> dict[str, Any]:
+        _, params, model_state = nnx.split(self._new_model(), nnx.Param, ...)
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "model_state": model_state,
+                "opt_state": self.tx.init(params)}
+
+    def merged(self, state: dict[str, Any], *, train: bool) -> nnx.Module:
+        return nnx.merge(self.train_graphdef if train else self.eval_graphdef, state["params"],
+                         state["model_state"])
+
+    @staticmethod
+    def prepare(x: jax.Array, dtype: Any) -> jax.Array:
+        return ((x - PIXEL_MEAN) / PIXEL_STD).astype(dtype)
+
+    @property
+    def compute_dtype(self) -> Any:
+        return jnp.bfloat16 if self.config.compute_dtype == "bfloat16" else jnp.float32
+
+    def _train_step(self, state: dict[str, Any], x: jax.Array, y: jax.Array):
+        def loss_fn(params, model_state):
+            model = nnx.merge(self.train_graphdef, params, model_state, copy=True)
+            logits = model(self.prepare(x, self.compute_dtype)).astype(jnp.float32)
+            targets = optax.smooth_labels(jax.nn.one_hot(y, self.num_classes), self.config.label_smoothing)
+            loss = optax.softmax_cross_entropy(logits, targets).mean()
+            return loss, (logits, nnx.state(model, nnx.Not(nnx.Param)))
+
+        (loss, (logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"], state["model_state"])
+        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {"loss": loss, "correct": (jnp.argmax(logits, -1) == y).sum()}
+        return {"step": state["step"] + 1, "params": params, "model_state": model_state,
+                "opt_state": opt_state}, metrics
+
+    def _eval_step(self, state: dict[str, Any], x: jax.Array, y: jax.Array, mask: jax.Array):
+        model = self.merged(state, train=False)
+        logits = model(self.prepare(x, self.compute_dtype)).astype(jnp.float32)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        return {"loss_sum": (loss * mask).sum(), "correct": ((jnp.argmax(logits, -1) == y) * mask).sum(),
+                "count": mask.sum()}
+
+    def _cam_step(self, state: dict[str, Any], x: jax.Array, y: jax.Array):
+        model = self.merged(state, train=False)
+        xin = self.prepare(x, self.compute_dtype)
+        cam_pred, logits = grad_cam(model, xin)
+        cam_true, _ = grad_cam(model, xin, y)
+        return cam_pred, cam_true, jnp.argmax(logits, -1)
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluation, CAMs, logging helpers
+# --------------------------------------------------------------------------------------------------
+
+def _padded_batches(ds: data_lib.Dataset, batch_size: int, sharding, limit: int | None = None):
+    """Fixed-order batches over a dataset, the last one padded (mask 0), each process feeding its share."""
+    n = len(ds) if limit is None else min(limit, len(ds))
+    nproc, pid = jax.process_count(), jax.process_index()
+    local = batch_size // nproc
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, start + batch_size)
+        mask = (idx < n).astype(np.float32)
+        idx = np.minimum(idx, n - 1)[pid * local:(pid + 1) * local]
+        mask = mask[pid * local:(pid + 1) * local]
+        put = functools.partial(jax.make_array_from_process_local_data, sharding)
+        yield put(ds.images[idx]), put(ds.labels[idx]), put(mask), idx, mask
+
+
+def evaluate(fns: Functions, state: dict[str, Any], ds: data_lib.Dataset, batch_size: int) -> dict[str, float]:
+    totals = None
+    for x, y, m, _, _ in _padded_batches(ds, batch_size, fns.batch_sharding):
+        out = fns.eval_step(state, x, y, m)
+        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    totals = jax.device_get(totals)
+    return {"loss": float(totals["loss_sum"] / totals["count"]),
+            "accuracy": float(totals["correct"] / totals["count"])}
+
+
+def compute_cams(fns: Functions, state: dict[str, Any], ds: data_lib.Dataset, batch_size: int,
+                 limit: int | None = None) -> dict[str, np.ndarray]:
+    """Grad-CAM maps of the predicted and of the true class for the first ``limit`` validation images."""
+    outs: dict[str, list[np.ndarray]] = {"cam_pred": [], "cam_true": [], "pred": []}
+    for x, y, _, _, mask in _padded_batches(ds, batch_size, fns.batch_sharding, limit):
+        cp, ct, pred = jax.device_get(fns.cam_step(state, x, y))
+        keep = mask > 0
+        outs["cam_pred"].append(cp[keep])
+        outs["cam_true"].append(ct[keep])
+        outs["pred"].append(pred[keep])
+    return {k: np.concatenate(v) for k, v in outs.items()}
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to ``workdir/metrics.jsonl`` (process 0 only)."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.enabled = jax.process_index() == 0
+
+    def write(self, **record: Any) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def count_params(params: Any) -> int:
+    return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
+
+
+# --------------------------------------------------------------------------------------------------
+# checkpoints
+# --------------------------------------------------------------------------------------------------
+
+def checkpoint_manager(workdir: str, keep: int):
+    import orbax.checkpoint as ocp
+
+    return ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, "checkpoints")),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+
+def restore_latest(mngr, state: dict[str, Any]) -> dict[str, Any] | None:
+    """The latest finished checkpoint restored with the shardings of ``state``, or None if there is none."""
+    import orbax.checkpoint as ocp
+
+    step = mngr.latest_step()
+    if step is None:
+        return None
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+    return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+# --------------------------------------------------------------------------------------------------
+# the run
+# --------------------------------------------------------------------------------------------------
+
+def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
+    """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and returns the final summary.
+
+    Writes ``workdir/config.json``, ``metrics.jsonl`` (train/eval/summary records), ``checkpoints/`` and, when
+    ``cam_images > 0``, ``cam.png``. Raises :class:`NonFiniteLossError` if the loss becomes NaN/inf (the last
+    good checkpoint is kept).
+
+    Example:
+        >>> summary = train_and_evaluate(Config(num_steps=20, progress=False), "/tmp/run")  # doctest: +SKIP
+        >>> summary["val_accuracy"]  # doctest: +SKIP
+    """
+    import orbax.checkpoint as ocp
+
+    check_config(config)
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json())
+    train_ds, val_ds = data_lib.load_dataset(config)
+    if train_ds.skipped:
+        print(f"warning: skipped {len(train_ds.skipped)} unreadable image(s):\n  " + "\n  ".join(train_ds.skipped))
+    data_lib.batch_indices(len(train_ds), config.batch_size, config.seed, 0)  # batch vs dataset size check
+
+    mesh = make_mesh()
+    fns = Functions(config, num_classes=len(train_ds.class_names), in_chans=train_ds.images.shape[-1], mesh=mesh)
+    writer = MetricsWriter(workdir)
+    mngr = checkpoint_manager(workdir, config.keep_checkpoints)
+    state = fns.init()
+    restored = restore_latest(mngr, state)
+    if restored is not None:
+        state = restored
+    start = int(jax.device_get(state["step"]))
+
+    bar = None
+    if config.progress and jax.process_index() == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.num_steps, initial=start, desc=f"{config.model}+{config.attn}", unit="step",
+                   dynamic_ncols=True)
+
+    pending: list[tuple[int, dict[str, jax.Array]]] = []
+    last_good_step = start
+    t_first_done = None
+    images_timed = 0
+    eval_seconds = 0.0
+    t_interval, images_interval = time.perf_counter(), 0
+
+    def flush(step_done: int) -> None:
+        """Fetches the pending per-step metrics (a host sync), checks them, logs their mean."""
+        nonlocal pending, last_good_step, t_interval, images_interval
+        if not pending:
+            return
+        fetched = jax.device_get([m for _, m in pending])
+        steps = [s for s, _ in pending]
+        for s, m in zip(steps, fetched):
+            if not np.isfinite(m["loss"]):
+                mngr.wait_until_finished()
+                raise NonFiniteLossError(
+                    f"non-finite training loss ({m['loss']}) at step {s} (0-based; the batch of that step); "
+                    f"stopping. The last good checkpoint is step {mngr.latest_step()} in "
+                    f"{os.path.join(workdir, 'checkpoints')}")
+        loss = float(np.mean([m["loss"] for m in fetched]))
+        acc = float(np.sum([m["correct"] for m in fetched]) / (len(fetched) * config.batch_size))
+        now = time.perf_counter()
+        ips = images_interval / max(now - t_interval, 1e-9)
+        writer.write(split="train", step=step_done, loss=loss, accuracy=acc, images_per_sec=ips,
+                     learning_rate=float(fns_lr(step_done - 1)))
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", img_s=f"{ips:.0f}")
+        pending = []
+        last_good_step = step_done
+        t_interval, images_interval = now, 0
+
+    fns_lr = learning_rate_schedule(config)
+    t_loop = time.perf_counter()
+    for step, x, y in data_lib.device_batches(train_ds, batch_size=config.batch_size, seed=config.seed,
+                                              start_step=start, num_steps=config.num_steps,
+                                              sharding=fns.batch_sharding, prefetch=config.prefetch):
+        state, metrics = fns.train_step(state, x, y)
+        pending.append((step, metrics))
+        done = step + 1
+        if t_first_done is None:
+            # the first step includes compilation: wait for it once so that images/s measures steady state
+            jax.block_until_ready(metrics)
+            t_first_done = time.perf_counter()
+            compile_seconds = t_first_done - t_loop
+            t_interval, images_interval = t_first_done, 0
+        else:
+            images_interval += config.batch_size
+            images_timed += config.batch_size
+        if bar is not None:
+            bar.update(1)
+        is_last = done == config.num_steps
+        want_ckpt = is_last or (config.checkpoint_every and done % config.checkpoint_every == 0)
+        want_eval = config.eval_every and done % config.eval_every == 0 and not is_last
+        if done % config.log_every == 0 or want_ckpt or want_eval or is_last:
+            flush(done)
+        if want_eval:
+            t0 = time.perf_counter()
+            ev = evaluate(fns, state, val_ds, config.batch_size)
+            writer.write(split="eval", step=done, **ev)
+            dt = time.perf_counter() - t0
+            eval_seconds += dt
+            t_interval += dt
+        if want_ckpt:
+            mngr.save(done, args=ocp.args.StandardSave(state))
+    train_seconds = (time.perf_counter() - t_first_done - eval_seconds) if t_first_done else 0.0
+    if bar is not None:
+        bar.close()
+    mngr.wait_until_finished()
+    if mngr.latest_step() != config.num_steps and start < config.num_steps:
+        raise RuntimeError(f"final checkpoint missing (latest {mngr.latest_step()})")
+
+    # ---------------- final evaluation, CAMs, summary ----------------
+    ev = evaluate(fns, state, val_ds, config.batch_size)
+    summary: dict[str, Any] = {
+        "model": config.model, "attn": config.attn, "dataset": config.dataset, "steps": config.num_steps,
+        "resumed_from": start, "val_loss": ev["loss"], "val_accuracy": ev["accuracy"],
+        "params": count_params(state["params"]),
+        "images_per_sec": images_timed / train_seconds if train_seconds > 0 and images_timed else None,
+        "compile_seconds": compile_seconds if t_first_done else None, "devices": jax.device_count(),
+        "processes": jax.process_count(),
+    }
+    if val_ds.boxes is not None or config.cam_images:
+        limit = None if val_ds.boxes is not None else config.cam_images
+        cams = compute_cams(fns, state, val_ds, config.batch_size, limit)
+        if val_ds.boxes is not None:
+            summary.update(localisation_scores(cams["cam_true"], val_ds.boxes[:len(cams["cam_true"])]))
+        if config.cam_images and jax.process_index() == 0:
+            k = min(config.cam_images, len(val_ds))
+            summary["cam_figure"] = save_cam_grid(
+                os.path.join(workdir, "cam.png"), [(f"{config.model}+{config.attn}", cams["cam_pred"][:k],
+                                                     cams["pred"][:k])],
+                val_ds.images[:k], val_ds.labels[:k], val_ds.class_names,
+                None if val_ds.boxes is None else val_ds.boxes[:k])
+            np.savez_compressed(os.path.join(workdir, "cams.npz"), cam_pred=cams["cam_pred"][:k],
+                                pred=cams["pred"][:k])
+    writer.write(split="summary", step=config.num_steps, **summary)
+    mngr.close()
+    return summary
