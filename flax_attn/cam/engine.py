@@ -1,0 +1,236 @@
+"""The shared CAM pipeline, a pure function usable inside ``jax.jit`` / ``jax.grad`` / ``jax.vmap``.
+
+One forward pass per call (``jax.vjp`` over the tap probes), then the gradients of ALL targets at once by
+``jax.vmap`` over the output cotangents (ShapleyCAM: ``jax.jvp`` of the gradient, vmapped over targets),
+then per layer: method -> raw map -> ReLU -> per-map min-max (eps 1e-7) -> bilinear resize to the input
+size; layers are aggregated as grad-cam does (``scale(mean_l(max(cam_l, 0)))``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from flax_attn.cam.methods import CamInputs, CamMethod, get_method
+from flax_attn.cam.postprocess import aggregate_layers, resize_maps, scale_cam
+from flax_attn.cam.targets import CallableGrid, ClassifierOutputTarget, Target, normalize_targets
+from flax_attn.cam.taps import Tap
+
+__all__ = ["AUG_TRANSFORMS", "CamResult", "compute_cam"]
+
+#: grad-cam's default test-time augmentations (ttach ``Compose([HorizontalFlip(), Multiply([0.9, 1, 1.1])])``,
+#: in ttach's order): (horizontal flip, factor).
+AUG_TRANSFORMS: tuple[tuple[bool, float], ...] = tuple((f, m) for f in (False, True) for m in (0.9, 1.0, 1.1))
+
+
+class CamResult(NamedTuple):
+    """``cam``: normalised maps ``(B, H, W)`` (``(B, T, H, W)`` for 2-D targets); ``raw``: per target layer,
+    the method's map before ReLU/min-max/resize, ``(B, h_l, w_l)`` (or ``(B, T, h_l, w_l)``; with
+    ``aug_smooth`` a leading axis of 6 augmentations); ``output``: the model output (``(6, B, ...)`` with
+    ``aug_smooth``)."""
+
+    cam: jax.Array
+    raw: list[jax.Array]
+    output: Any
+
+
+def _default_target(output: jax.Array) -> Target:
+    if output.ndim != 2:
+        raise ValueError(
+            f"targets=None picks the arg-max class of (B, K) logits, but the model output has shape "
+            f"{output.shape}: pass targets explicitly (e.g. SemanticSegmentationTarget)"
+        )
+    return ClassifierOutputTarget(jnp.argmax(output, axis=-1)[:, None])
+
+
+def _scores(tcol: Any, output: jax.Array) -> jax.Array:
+    """Per-image scalar scores ``(B,)`` of one target column (pytree sliced at t, or B callables)."""
+    if isinstance(tcol, tuple):  # B callables
+        vals = [jnp.asarray(f(output[b])) for b, f in enumerate(tcol)]
+        for v in vals:
+            if v.size != 1:
+                raise ValueError(f"a target callable must return a scalar per image, got shape {v.shape}")
+        return jnp.stack([v.reshape(()) for v in vals])
+    if not tcol.scalar:
+        raise ValueError(
+            f"{type(tcol).__name__} returns a vector, not a scalar: it can only be used with gradient-free "
+            "methods (e.g. EigenCAM), as in grad-cam"
+        )
+    s = jax.vmap(lambda t, o: t(o))(tcol, output)
+    if s.ndim != 1:
+        raise ValueError(f"{type(tcol).__name__} must return a scalar per image, got shape {s.shape[1:]}")
+    return s
+
+
+def _per_target(fn, target: Target | None, grid: CallableGrid | None):
+    """``fn(column)`` for every target column, stacked on a leading T axis (vmap for pytree targets)."""
+    if grid is not None:
+        outs = [fn(tuple(row[t] for row in grid.rows)) for t in range(grid.num_targets)]
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+    return jax.vmap(fn, in_axes=1)(target)
+
+
+def _gradients(tap: Tap, x, method: CamMethod, target, grid):
+    """One forward pass; returns (output, acts, grads (T,B,...) per layer or None, hvp or None, target)."""
+    shapes = jax.eval_shape(lambda: tap.run(x))[1]
+    zeros = [jnp.zeros(s.shape, s.dtype) for s in shapes]
+
+    def fwd(probes):
+        return tap.run(x, probes)
+
+    if not method.uses_gradients and not method.needs_hvp:
+        output, acts = fwd(None)  # targets are not used by gradient-free methods
+        return output, acts, None, None, target
+
+    output, vjp_fn, acts = jax.vjp(fwd, zeros, has_aux=True)
+    if target is None and grid is None:
+        target = (method.default_targets or _default_target)(jax.lax.stop_gradient(output))
+        target, _, _ = target._broadcast(output.shape[0])
+    out_stop = jax.lax.stop_gradient(output)
+
+    if not method.needs_hvp:
+        def grads_for(tcol):
+            ct = jax.grad(lambda o: jnp.sum(_scores(tcol, o)))(out_stop)
+            return vjp_fn(ct)[0]
+
+        return output, acts, _per_target(grads_for, target, grid), None, target
+
+    acts_stop = [jax.lax.stop_gradient(a) for a in acts]
+
+    def grads_hvp_for(tcol):
+        def loss(probes):
+            return jnp.sum(_scores(tcol, fwd(probes)[0]))
+
+        gs, hs = [], []
+        for i in range(len(zeros)):
+            def grad_i(p_i, i=i):
+                probes = list(zeros)
+                probes[i] = p_i
+                return jax.grad(loss)(probes)[i]
+
+            g, h = jax.jvp(grad_i, (zeros[i],), (acts_stop[i],))
+            gs.append(g)
+            hs.append(h)
+        return gs, hs
+
+    grads, hvps = _per_target(grads_hvp_for, target, grid)
+    return output, acts, grads, hvps, target
+
+
+def _cam_single_view(tap, x, method, target, grid, t, eigen_smooth, key):
+    output, acts, grads, hvps, target = _gradients(tap, x, method, target, grid)
+    size = x.shape[1:-1]
+    b = x.shape[0]
+    raws, cams = [], []
+    for li, a in enumerate(acts):
+        a = jax.lax.stop_gradient(a) if grads is None else a
+        g = None if grads is None else jnp.moveaxis(grads[li], 0, 1)  # (B, T, ...)
+        h = None if hvps is None else jnp.moveaxis(hvps[li], 0, 1)
+        keys = None
+        if method.needs_key:
+            if key is None:
+                raise ValueError(f"method {method.name!r} is random: pass key=jax.random.key(...)")
+            keys = jax.random.split(jax.random.fold_in(key, li), (b, t))
+
+        def one(a1, g1, h1, k1):
+            return method.cam_image(CamInputs(a1, g1, h1, k1, eigen_smooth))
+
+        per_target = tuple(0 if v is not None else None for v in (g, h, keys))
+        if any(ax is not None for ax in per_target):
+            inner = jax.vmap(one, in_axes=(None,) + per_target)
+            raw = jax.vmap(inner, in_axes=(0,) + per_target)(a, g, h, keys)
+        else:  # gradient-free and deterministic: one map per image, shared by its targets
+            raw = jax.vmap(lambda a1: one(a1, None, None, None))(a)[:, None]
+            raw = jnp.broadcast_to(raw, (b, t) + raw.shape[2:])
+        raws.append(raw)
+        spatial = raw.ndim - 2
+        cams.append(resize_maps(scale_cam(jnp.maximum(raw, 0), spatial_ndim=spatial), size))
+    cam = aggregate_layers(cams, spatial_ndim=len(size))
+    return cam, raws, output
+
+
+def compute_cam(
+    tap: Tap,
+    x: jax.Array,
+    targets: Any = None,
+    *,
+    method: str | CamMethod = "gradcam",
+    eigen_smooth: bool = False,
+    aug_smooth: bool = False,
+    key: jax.Array | None = None,
+) -> CamResult:
+    """Functional CAM: traceable, differentiable, usable inside your own ``jax.jit``/``jax.grad``.
+
+    Args:
+      tap: how to run the model and read the target layers (:func:`flax_attn.cam.make_tap`).
+      x: channels-last images ``(B, H, W, C)`` (3-D: ``(B, H, W, D, C)``).
+      targets: see :func:`flax_attn.cam.targets.normalize_targets`; ``None``: arg-max class per image.
+      method: a registered method name (``"gradcam"``, ``"gradcam++"``, ``"hirescam"``, ``"xgradcam"``,
+        ``"layercam"``, ``"gradcamelementwise"``, ``"eigencam"``, ``"eigengradcam"``, ``"shapleycam"``,
+        ``"finercam"``, ``"randomcam"``) or a :class:`CamMethod`.
+      eigen_smooth: replace the channel sum by the first principal component (grad-cam's option).
+      aug_smooth: average over grad-cam's 6 test-time augmentations (flip x {0.9, 1, 1.1}), de-augmented.
+        The 6 views run as ONE batch of ``6B`` images (the model runs in eval mode, so images are
+        independent).
+      key: PRNG key, required by random methods (RandomCAM).
+
+    Returns:
+      :class:`CamResult` (normalised ``cam``, per-layer ``raw`` maps, model ``output``).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from flax_attn.cam import FunctionTap
+        >>> w = jax.random.normal(jax.random.key(0), (4, 3))
+        >>> tap = FunctionTap(lambda x: jnp.tanh(x), lambda a: a.mean((1, 2)) @ w)
+        >>> compute_cam(tap, jax.random.normal(jax.random.key(1), (2, 5, 6, 4))).cam.shape
+        (2, 5, 6)
+    """
+    method = get_method(method)
+    x = _check_input(x)
+    target, grid, t, has_t = normalize_targets(targets, x.shape[0])
+    if target is not None:
+        out_shape = jax.eval_shape(lambda: tap.run(x)[0])
+        if hasattr(out_shape, "shape"):
+            target.validate(tuple(out_shape.shape[1:]))
+    return compute_cam_normalized(tap, x, target, grid, t, has_t, method=method, eigen_smooth=eigen_smooth,
+                                  aug_smooth=aug_smooth, key=key)
+
+
+def _check_input(x: Any) -> jax.Array:
+    if not hasattr(x, "ndim") or x.ndim < 3:
+        raise ValueError(f"x: expected channels-last images (B, H, W, C), got {getattr(x, 'shape', type(x))}")
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"x: expected a floating-point image batch, got dtype {x.dtype}")
+    return x
+
+
+def compute_cam_normalized(tap: Tap, x: jax.Array, target: Target | None, grid: CallableGrid | None, t: int,
+                           has_t: bool, *, method: CamMethod, eigen_smooth: bool, aug_smooth: bool,
+                           key: jax.Array | None) -> CamResult:
+    """:func:`compute_cam` after :func:`normalize_targets` (used by the jitted object API)."""
+    b = x.shape[0]
+    if method.needs_key and key is None:
+        raise ValueError(f"method {method.name!r} is random: pass key=jax.random.key(...)")
+
+    if not aug_smooth:
+        cam, raws, output = _cam_single_view(tap, x, method, target, grid, t, eigen_smooth, key)
+    else:
+        n = len(AUG_TRANSFORMS)
+        views = [(jnp.flip(x, axis=2) if flip else x) * jnp.asarray(m, x.dtype) if m != 1.0
+                 else (jnp.flip(x, axis=2) if flip else x) for flip, m in AUG_TRANSFORMS]
+        xa = jnp.concatenate(views, axis=0)
+        ta = None if target is None else jax.tree.map(lambda v: jnp.concatenate([v] * n, axis=0), target)
+        ga = None if grid is None else CallableGrid(grid.rows * n, grid.has_target_axis)
+        cam, raws, output = _cam_single_view(tap, xa, method, ta, ga, t, eigen_smooth, key)
+        cam = cam.reshape((n, b) + cam.shape[1:])
+        cam = jnp.stack([jnp.flip(c, axis=3) if flip else c for c, (flip, _) in zip(cam, AUG_TRANSFORMS)])
+        cam = jnp.mean(cam, axis=0)
+        raws = [r.reshape((n, b) + r.shape[1:]) for r in raws]
+        output = jax.tree.map(lambda o: o.reshape((n, b) + o.shape[1:]), output)
+    if not has_t:
+        cam = cam[:, 0]
+        raws = [r[:, :, 0] if aug_smooth else r[:, 0] for r in raws]
+    return CamResult(cam, raws, output)

@@ -1,0 +1,214 @@
+"""CAM methods: each one is a small function of (activations, gradients) for ONE example and ONE target.
+
+``cam_image(ctx) -> raw map`` receives a :class:`CamInputs` with channels-last ``acts`` ``(*spatial, C)``,
+``grads`` (same shape, ``None`` for gradient-free methods), ``hvp`` (Hessian-vector product, ShapleyCAM
+only), ``key`` (RandomCAM only) and ``eigen_smooth``; the engine (:mod:`flax_attn.cam.engine`) vmaps it over
+images and targets, then applies ReLU, min-max and resize. Formulas follow ``pytorch_grad_cam`` 1.5.7
+exactly (eps values, zero-gradient handling); new methods (ScoreCAM, AblationCAM, FullGrad later) plug in
+with :func:`register_method`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from flax_attn.cam.postprocess import first_component_projection
+
+__all__ = ["CamInputs", "CamMethod", "get_method", "list_methods", "register_method"]
+
+
+class CamInputs(NamedTuple):
+    """Inputs of a method for one example and one target (channels-last, no batch axis)."""
+
+    acts: jax.Array
+    grads: jax.Array | None
+    hvp: jax.Array | None
+    key: jax.Array | None
+    eigen_smooth: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class CamMethod:
+    """A CAM method: ``cam_image`` plus what the engine must compute for it.
+
+    Example:
+        >>> get_method("gradcam").uses_gradients
+        True
+    """
+
+    name: str
+    cam_image: Callable[[CamInputs], jax.Array]
+    uses_gradients: bool = True
+    needs_hvp: bool = False
+    needs_key: bool = False
+    default_targets: Callable[..., Any] | None = None  # output -> Target; None: arg-max class
+    options: tuple[tuple[str, Any], ...] = ()
+
+
+_METHODS: dict[str, CamMethod] = {}
+
+
+def register_method(method: CamMethod) -> CamMethod:
+    """Adds a method to the registry (name lower-case, unique).
+
+    Example:
+        >>> m = CamMethod("my_mean_cam", lambda c: c.acts.mean(-1), uses_gradients=False)
+        >>> register_method(m).name in list_methods()
+        True
+    """
+    key = method.name.lower()
+    if key in _METHODS and _METHODS[key] is not method:
+        raise ValueError(f"CAM method {method.name!r} is already registered")
+    _METHODS[key] = method
+    return method
+
+
+def list_methods() -> list[str]:
+    """Names of the registered methods.
+
+    Example:
+        >>> "gradcam++" in list_methods()
+        True
+    """
+    return sorted(_METHODS)
+
+
+def get_method(name: str | CamMethod, **options: Any) -> CamMethod:
+    """A registered method by name (case-insensitive); ``options`` go to methods that take some (FinerCAM).
+
+    Example:
+        >>> get_method("GradCAM").name
+        'gradcam'
+    """
+    if isinstance(name, CamMethod):
+        if options:
+            raise ValueError(f"options {sorted(options)} given with a CamMethod instance")
+        return name
+    if not isinstance(name, str):
+        raise TypeError(f"method: expected a name or a CamMethod, got {type(name).__name__}")
+    key = name.lower()
+    if key == "finercam":
+        return finer_cam(**options)
+    if key not in _METHODS:
+        raise ValueError(f"unknown CAM method {name!r}; available: {list_methods() + ['finercam']}")
+    if options:
+        raise ValueError(f"method {name!r} takes no options, got {sorted(options)}")
+    return _METHODS[key]
+
+
+def _spatial_axes(a: jax.Array) -> tuple[int, ...]:
+    return tuple(range(a.ndim - 1))
+
+
+def _weighted(weighted: jax.Array, eigen_smooth: bool) -> jax.Array:
+    return first_component_projection(weighted) if eigen_smooth else jnp.sum(weighted, axis=-1)
+
+
+def channel_weights_method(name: str, weights: Callable[[CamInputs], jax.Array], **kw: Any) -> CamMethod:
+    """A method of the form ``sum_c w_c A_c`` (``eigen_smooth``: first component of ``w * A``)."""
+
+    def cam_image(c: CamInputs) -> jax.Array:
+        return _weighted(weights(c) * c.acts, c.eigen_smooth)
+
+    return CamMethod(name, cam_image, **kw)
+
+
+def _gradcam_w(c: CamInputs) -> jax.Array:
+    return jnp.mean(c.grads, axis=_spatial_axes(c.grads))
+
+
+def _gradcampp_w(c: CamInputs) -> jax.Array:
+    g, a = c.grads, c.acts
+    ax = _spatial_axes(a)
+    g2 = g**2
+    g3 = g2 * g
+    sum_a = jnp.sum(a, axis=ax, keepdims=True)
+    aij = g2 / (2 * g2 + sum_a * g3 + 1e-6)
+    aij = jnp.where(g != 0, aij, 0)
+    return jnp.sum(jnp.maximum(g, 0) * aij, axis=ax)
+
+
+def _xgradcam_w(c: CamInputs) -> jax.Array:
+    ax = _spatial_axes(c.acts)
+    sum_a = jnp.sum(c.acts, axis=ax, keepdims=True)
+    return jnp.sum(c.grads * c.acts / (sum_a + 1e-7), axis=ax)
+
+
+def _shapley_w(c: CamInputs) -> jax.Array:
+    return jnp.mean(c.grads - 0.5 * c.hvp, axis=_spatial_axes(c.grads))
+
+
+def _random_w(c: CamInputs) -> jax.Array:
+    return jax.random.uniform(c.key, (c.acts.shape[-1],), c.acts.dtype, minval=-1.0, maxval=1.0)
+
+
+GRADCAM = register_method(channel_weights_method("gradcam", _gradcam_w))
+GRADCAMPP = register_method(channel_weights_method("gradcam++", _gradcampp_w))
+XGRADCAM = register_method(channel_weights_method("xgradcam", _xgradcam_w))
+SHAPLEYCAM = register_method(channel_weights_method("shapleycam", _shapley_w, needs_hvp=True))
+RANDOMCAM = register_method(channel_weights_method("randomcam", _random_w, uses_gradients=False, needs_key=True))
+HIRESCAM = register_method(CamMethod("hirescam", lambda c: _weighted(c.grads * c.acts, c.eigen_smooth)))
+GRADCAM_ELEMENTWISE = register_method(
+    CamMethod("gradcamelementwise", lambda c: _weighted(jnp.maximum(c.grads * c.acts, 0), c.eigen_smooth))
+)
+LAYERCAM = register_method(CamMethod("layercam", lambda c: _weighted(jnp.maximum(c.grads, 0) * c.acts, c.eigen_smooth)))
+EIGENCAM = register_method(
+    CamMethod("eigencam", lambda c: first_component_projection(c.acts), uses_gradients=False)
+)
+EIGENGRADCAM = register_method(CamMethod("eigengradcam", lambda c: first_component_projection(c.grads * c.acts)))
+
+
+def finer_default_targets(output: jax.Array, *, alpha: float = 1.0,
+                          comparison_categories: tuple[int, ...] | None = None,
+                          target_idx: int | None = None):
+    """FinerCAM's default targets for ``(B, K)`` logits: the main class (arg-max, or ``target_idx``) against
+    the classes whose logits are closest to it (ranks ``comparison_categories``, default ``(1, 2, 3)``
+    clamped to ``K - 1``), exactly as grad-cam 1.5.7's ``FinerCAM.forward``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> t = finer_default_targets(jnp.array([[3.0, 1.0, 2.9, 0.0]]))
+        >>> t.main_category.tolist(), t.comparison_categories.tolist()
+        ([0], [[2, 1, 3]])
+    """
+    from flax_attn.cam.targets import FinerWeightedTarget
+
+    if output.ndim != 2:
+        raise ValueError(f"FinerCAM default targets need (B, K) logits, got output shape {output.shape}")
+    k = output.shape[-1]
+    if comparison_categories is None:
+        comp = (1, 2, 3)[: max(k - 1, 0)]
+    else:
+        comp = tuple(c for c in comparison_categories if c < k)
+    if not comp:
+        raise ValueError(f"FinerCAM: no comparison category left for a model with {k} classes")
+    ref = jnp.max(output, axis=-1) if target_idx is None else output[:, target_idx]
+    order = jnp.argsort(jnp.abs(output - ref[:, None]), axis=-1)
+    return FinerWeightedTarget(order[:, 0], order[:, jnp.asarray(comp)], jnp.full((output.shape[0],), alpha, output.dtype))
+
+
+def finer_cam(*, base_method: str | CamMethod = "gradcam", alpha: float = 1.0,
+              comparison_categories: tuple[int, ...] | None = None, target_idx: int | None = None) -> CamMethod:
+    """FinerCAM (arXiv:2501.11309): a base method (default GradCAM) whose default target contrasts the
+    predicted class with its most similar classes (:func:`finer_default_targets`).
+
+    Example:
+        >>> finer_cam(alpha=0.5).name
+        'finercam'
+    """
+    base = get_method(base_method)
+    comp = None if comparison_categories is None else tuple(int(c) for c in comparison_categories)
+
+    def default_targets(output):
+        return finer_default_targets(output, alpha=alpha, comparison_categories=comp, target_idx=target_idx)
+
+    return dataclasses.replace(
+        base, name="finercam", default_targets=default_targets,
+        options=(("base", base.name), ("alpha", float(alpha)), ("comparison_categories", comp),
+                 ("target_idx", target_idx)),
+    )

@@ -1,0 +1,377 @@
+"""Taps: how the CAM engine reads a layer's activations and the gradient of a target with respect to them.
+
+A tap turns a model into the pure function ``run(x, probes) -> (output, [A_1, ..., A_L])``: the forward
+pass of the model in which the output of every target layer ``l`` is replaced by ``A_l + probes[l]``
+(``probes=None``: nothing added). The probes are zeros, so values are unchanged, and the gradient of any
+function of the output with respect to ``probes[l]`` IS its gradient with respect to the activation ``A_l``
+-- and nothing else: not the input, not the parameters (``jax.vjp`` over the probes only differentiates the
+part of the network downstream of the taps). No hooks, nothing left behind:
+
+* :class:`NNXTap` (``flax.nnx`` modules, target layers by attribute path ``"layer4"``, ``"layer4.1"``,
+  ``"features.-1"``): every call works on a *copy* made with ``nnx.split``/``nnx.merge``; the submodule at
+  each path is swapped, in the copy only, for a wrapper that adds the probe and records the output. The
+  user's module is never modified (also not when an exception is raised) and the copy is put in eval mode
+  (like grad-cam's ``model.eval()``) without touching the original. Works under ``jax.jit``/``nnx.jit``
+  and inside ``nnx.grad`` (the copy shares the traced state).
+* :class:`LinenTap` (``flax.linen`` modules + variables, target layers by module path ``"layer4"``,
+  ``"backbone/block_1"``): the probe is added by an ``nn.intercept_methods`` interceptor active only inside
+  ``run``.
+* :class:`FunctionTap`: a plain pair ``features(x) -> A`` and ``head(A) -> output``.
+
+A target layer must be called exactly once per forward pass; otherwise a ``ValueError`` says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+__all__ = ["FunctionTap", "LinenTap", "NNXTap", "Tap", "make_tap"]
+
+Probes = Sequence[jax.Array] | None
+
+
+class Tap:
+    """Interface of the taps: ``layers`` (names), ``run(x, probes)``, and a split for ``jax.jit`` caching.
+
+    ``split()`` returns ``(static, dynamic)``: ``static`` is hashable (a jit cache key: a change of it means
+    recompilation), ``dynamic`` a pytree of arrays (parameters); ``rebuild(static, dynamic)`` returns an
+    equivalent tap, to be used inside the jitted function.
+    """
+
+    layers: tuple[str, ...]
+
+    def run(self, x: jax.Array, probes: Probes = None) -> tuple[Any, list[jax.Array]]:  # pragma: no cover
+        raise NotImplementedError
+
+    def split(self) -> tuple[Any, Any]:
+        return self, ()
+
+    def rebuild(self, static: Any, dynamic: Any) -> Tap:
+        return static
+
+
+def _check_layers(layers: Any) -> tuple[str, ...]:
+    if isinstance(layers, str):
+        layers = [layers]
+    if not isinstance(layers, (list, tuple)) or not layers or not all(isinstance(p, str) for p in layers):
+        raise TypeError(f"target_layers: expected a non-empty list of path strings, got {layers!r}")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"target_layers: duplicate paths in {list(layers)}")
+    return tuple(layers)
+
+
+def _add_probe(path: str, y: Any, probe: jax.Array | None, sink: dict[str, jax.Array]) -> jax.Array:
+    if not isinstance(y, jax.Array) and not hasattr(y, "shape"):
+        raise TypeError(f"target layer {path!r} returned {type(y).__name__}, expected a single array")
+    if path in sink:
+        raise ValueError(
+            f"target layer {path!r} is called more than once in the forward pass (shared module?): "
+            f"tap a module that runs exactly once"
+        )
+    if probe is not None:
+        if tuple(probe.shape) != tuple(y.shape):
+            raise ValueError(f"probe for {path!r}: expected shape {tuple(y.shape)}, got {tuple(probe.shape)}")
+        y = y + probe.astype(y.dtype)
+    sink[path] = y
+    return y
+
+
+def _collect(layers: Sequence[str], sink: Mapping[str, jax.Array], available: Callable[[], list[str]]):
+    missing = [p for p in layers if p not in sink]
+    if missing:
+        raise ValueError(f"target layers {missing} were not called in the forward pass; called modules: "
+                         f"{available()}")
+    return [sink[p] for p in layers]
+
+
+# ------------------------------------------------------------------------------------------------------
+# NNX
+# ------------------------------------------------------------------------------------------------------
+
+def nnx_module_paths(model: nnx.Module) -> list[str]:
+    """Dotted attribute paths of every submodule (``Sequential``'s ``layers`` hidden: ``"layer4.1"``)."""
+    out = []
+    for path, _ in nnx.iter_modules(model):
+        if not path:
+            continue
+        parts, obj = [], model
+        for p in path:
+            if isinstance(obj, nnx.Sequential) and p == "layers":
+                obj = obj.layers
+                continue
+            obj = obj[p] if isinstance(p, int) else getattr(obj, p)
+            parts.append(str(p))
+        out.append(".".join(parts))
+    return sorted(set(out), key=lambda s: (s.count("."), s))
+
+
+def _resolve(model: Any, path: str) -> tuple[Any, Any, Any]:
+    """Returns (parent container, key, object) for a dotted path; raises listing the available paths."""
+    obj, parent, key = model, None, None
+    for part in path.split("."):
+        nxt = None
+        if part and not part.lstrip("-").isdigit() and hasattr(obj, part) and not part.startswith("_"):
+            parent, key, nxt = obj, part, getattr(obj, part)
+        elif part.lstrip("-").isdigit():
+            seq = obj.layers if isinstance(obj, nnx.Sequential) else obj
+            try:
+                n = len(seq)
+                i = int(part)
+                if -n <= i < n:
+                    parent, key, nxt = seq, i % n, seq[i % n]
+            except TypeError:
+                nxt = None
+        if nxt is None or not callable(nxt):
+            raise ValueError(
+                f"unknown target layer path {path!r} (failed at {part!r}); available paths: "
+                f"{nnx_module_paths(model) if isinstance(model, nnx.Module) else '?'}"
+            )
+        obj = nxt
+    if parent is None:
+        raise ValueError(f"unknown target layer path {path!r}: the model itself cannot be a target layer")
+    return parent, key, obj
+
+
+class _Probe:
+    """Stand-in for a submodule in the working copy: calls it, adds the probe, records the output."""
+
+    def __init__(self, inner: Callable, path: str, probe: jax.Array | None, sink: dict[str, jax.Array]):
+        self.inner, self.path, self.probe, self.sink = inner, path, probe, sink
+
+    def __call__(self, *args, **kwargs):
+        return _add_probe(self.path, self.inner(*args, **kwargs), self.probe, self.sink)
+
+
+class NNXTap(Tap):
+    """Tap of a ``flax.nnx`` module by attribute paths (see the module docstring).
+
+    ``call`` selects the forward function (default ``model(x)``); ``eval_mode=True`` (default, as
+    grad-cam) runs the copy with ``.eval()`` (BatchNorm running statistics, dropout off).
+
+    Example:
+        >>> from flax import nnx
+        >>> import jax.numpy as jnp
+        >>> model = nnx.Sequential(nnx.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0)), lambda a: a.mean((1, 2)))
+        >>> out, (act,) = NNXTap(model, ["0"]).run(jnp.ones((1, 8, 8, 3)))
+        >>> act.shape
+        (1, 8, 8, 4)
+    """
+
+    def __init__(self, model: nnx.Module, target_layers: Sequence[str], *,
+                 call: Callable[[nnx.Module, jax.Array], Any] | None = None, eval_mode: bool = True):
+        if not isinstance(model, nnx.Module):
+            raise TypeError(f"NNXTap: expected a flax.nnx.Module, got {type(model).__name__}")
+        self.model = model
+        self.layers = _check_layers(target_layers)
+        for p in self.layers:
+            _resolve(model, p)
+        self.call = call
+        self.eval_mode = eval_mode
+
+    def run(self, x, probes=None):
+        graphdef, state = nnx.split(self.model)
+        return self._run(graphdef, state, x, probes)
+
+    def _run(self, graphdef, state, x, probes):
+        work = nnx.merge(graphdef, state)
+        if self.eval_mode:
+            work.eval()
+        sink: dict[str, jax.Array] = {}
+        for i, p in enumerate(self.layers):
+            parent, key, obj = _resolve(work, p)
+            wrapper = _Probe(obj, p, None if probes is None else probes[i], sink)
+            if isinstance(key, int):
+                parent[key] = wrapper
+            else:
+                setattr(parent, key, wrapper)
+        out = work(x) if self.call is None else self.call(work, x)
+        return out, _collect(self.layers, sink, lambda: nnx_module_paths(self.model))
+
+    def split(self):
+        graphdef, state = nnx.split(self.model)
+        return (_NNXStatic(graphdef, self.layers, self.call, self.eval_mode)), state
+
+    def rebuild(self, static, dynamic):
+        return _NNXSplitTap(static, dynamic)
+
+
+class _NNXStatic:
+    def __init__(self, graphdef, layers, call, eval_mode):
+        self.key = (graphdef, layers, call, eval_mode)
+        self.graphdef, self.layers, self.call, self.eval_mode = graphdef, layers, call, eval_mode
+
+    def __hash__(self):
+        return hash(self.key)
+
+    def __eq__(self, other):
+        return isinstance(other, _NNXStatic) and self.key == other.key
+
+
+class _NNXSplitTap(NNXTap):
+    def __init__(self, static: _NNXStatic, state):  # noqa: D401 - internal, already validated
+        self.static, self.state = static, state
+        self.layers, self.call, self.eval_mode = static.layers, static.call, static.eval_mode
+        self.model = None
+
+    def run(self, x, probes=None):
+        return self._run(self.static.graphdef, self.state, x, probes)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Linen
+# ------------------------------------------------------------------------------------------------------
+
+class LinenTap(Tap):
+    """Tap of a ``flax.linen`` module by module path (``"layer4"``, ``"stage2/block1"``; ``.`` works too).
+
+    ``apply_kwargs`` are passed to ``module.apply`` (e.g. ``{"train": False}``); ``method`` selects the
+    module method (default ``__call__``). Only ``__call__`` of submodules can be tapped.
+
+    Example:
+        >>> import flax.linen as nn, jax, jax.numpy as jnp
+        >>> class Net(nn.Module):
+        ...     @nn.compact
+        ...     def __call__(self, x):
+        ...         return nn.Dense(3, name="head")(nn.Conv(4, (3, 3), name="conv")(x).mean((1, 2)))
+        >>> net = Net(); x = jnp.ones((1, 8, 8, 3)); v = net.init(jax.random.key(0), x)
+        >>> LinenTap(net, v, ["conv"]).run(x)[1][0].shape
+        (1, 8, 8, 4)
+    """
+
+    def __init__(self, module: Any, variables: Any, target_layers: Sequence[str], *,
+                 apply_kwargs: Mapping[str, Any] | None = None, method: str | Callable | None = None):
+        import flax.linen as nn
+
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"LinenTap: expected a flax.linen.Module, got {type(module).__name__}")
+        self.module, self.variables = module, variables
+        self.layers = tuple(p.replace(".", "/") for p in _check_layers(target_layers))
+        self.apply_kwargs = dict(apply_kwargs or {})
+        self.method = method
+
+    def run(self, x, probes=None):
+        return self._run(self.variables, x, probes)
+
+    def _run(self, variables, x, probes):
+        import flax.linen as nn
+
+        sink: dict[str, jax.Array] = {}
+        seen: list[str] = []
+        index = {p: i for i, p in enumerate(self.layers)}
+
+        def interceptor(next_fun, args, kwargs, context):
+            y = next_fun(*args, **kwargs)
+            if context.method_name != "__call__" or context.module.scope is None:
+                return y
+            path = "/".join(str(s) for s in context.module.scope.path)
+            if not path:
+                return y
+            seen.append(path)
+            if path in index:
+                y = _add_probe(path, y, None if probes is None else probes[index[path]], sink)
+            return y
+
+        with nn.intercept_methods(interceptor):
+            kw = dict(self.apply_kwargs)
+            if self.method is not None:
+                kw["method"] = self.method
+            out = self.module.apply(variables, x, **kw)
+        missing = [p for p in self.layers if p not in sink]
+        if missing:
+            raise ValueError(f"unknown target layer path(s) {missing}; available paths: {sorted(set(seen))}")
+        return out, [sink[p] for p in self.layers]
+
+    def split(self):
+        return _Identity(self), self.variables
+
+    def rebuild(self, static, dynamic):
+        tap = static.obj
+        return _BoundLinen(tap, dynamic)
+
+
+class _BoundLinen(Tap):
+    def __init__(self, tap: LinenTap, variables):
+        self.tap, self.variables, self.layers = tap, variables, tap.layers
+
+    def run(self, x, probes=None):
+        return self.tap._run(self.variables, x, probes)
+
+
+class _Identity:
+    """Hashable by identity (jit cache key for taps whose structure lives in Python objects)."""
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __hash__(self):
+        return id(self.obj)
+
+    def __eq__(self, other):
+        return isinstance(other, _Identity) and other.obj is self.obj
+
+
+# ------------------------------------------------------------------------------------------------------
+# plain functions
+# ------------------------------------------------------------------------------------------------------
+
+class FunctionTap(Tap):
+    """Tap of a model given as ``features(x) -> A`` and ``head(A) -> output`` (one target layer).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> tap = FunctionTap(lambda x: x * 2.0, lambda a: a.mean((1, 2)))
+        >>> tap.run(jnp.ones((1, 4, 4, 3)))[1][0].shape
+        (1, 4, 4, 3)
+    """
+
+    def __init__(self, features: Callable[[jax.Array], jax.Array], head: Callable[[jax.Array], Any],
+                 *, name: str = "features"):
+        if not callable(features) or not callable(head):
+            raise TypeError("FunctionTap: expected two callables, features(x) -> A and head(A) -> output")
+        self.features, self.head = features, head
+        self.layers = (name,)
+
+    def run(self, x, probes=None):
+        sink: dict[str, jax.Array] = {}
+        a = _add_probe(self.layers[0], self.features(x), None if probes is None else probes[0], sink)
+        return self.head(a), [a]
+
+    def split(self):
+        return _Identity(self), ()
+
+    def rebuild(self, static, dynamic):
+        return static.obj
+
+
+def make_tap(model: Any, target_layers: Sequence[str] | None = None, **kwargs: Any) -> Tap:
+    """Builds the right tap: a :class:`Tap` as is; an ``nnx.Module`` -> :class:`NNXTap`; a
+    ``(linen_module, variables)`` pair -> :class:`LinenTap`; a ``(features, head)`` pair of callables ->
+    :class:`FunctionTap`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> make_tap((lambda x: x, lambda a: a.sum((1, 2)))).layers
+        ('features',)
+    """
+    if isinstance(model, Tap):
+        return model
+    if isinstance(model, nnx.Module):
+        return NNXTap(model, target_layers if target_layers is not None else [], **kwargs)
+    if isinstance(model, tuple) and len(model) == 2:
+        import flax.linen as nn
+
+        if isinstance(model[0], nn.Module):
+            return LinenTap(model[0], model[1], target_layers if target_layers is not None else [], **kwargs)
+        if callable(model[0]) and callable(model[1]):
+            if target_layers not in (None, [], (), ["features"]):
+                raise ValueError(f"target_layers: a (features, head) pair has a single tap, got {target_layers}")
+            return FunctionTap(model[0], model[1], **kwargs)
+    raise TypeError(
+        "model: expected a flax.nnx.Module, a (flax.linen.Module, variables) pair, a (features, head) pair of "
+        f"callables, or a Tap; got {type(model).__name__}"
+    )
