@@ -187,13 +187,23 @@ def normalize_pool_types(pool_types: str | Sequence[str], argname: str = "pool_t
     return tuple(out)
 
 
-def global_pool(x: Array, kind: str) -> Array:
+def global_pool(x: Array, kind: str, scale: Array | None = None) -> Array:
     """Global pooling over the spatial axes of a channels-last map: ``(N, *spatial, C) -> (N, C)``.
 
     ``lp`` is the L2 pool of ``torch.nn.functional.lp_pool2d(x, 2, kernel=(H, W))``:
     ``sqrt(mean(x**2) * H * W)``, computed in that order as torch does; ``lse`` is log-sum-exp.
+
+    ``scale`` (shape ``(N, *spatial, 1)``, e.g. a spatial attention map) pools ``x * scale`` without
+    materialising the product: the average becomes one contraction, the other pools fuse the product into
+    the reduction. Same value as ``global_pool(x * scale, kind)`` up to float rounding.
     """
     axes = spatial_axes(x)
+    if scale is not None:
+        if kind == "avg":
+            n = math.prod(x.shape[a] for a in axes)
+            flat = x.reshape(x.shape[0], -1, x.shape[-1])
+            return jnp.einsum("npc,np->nc", flat, scale.reshape(x.shape[0], -1)) / n
+        x = x * scale
     if kind == "avg":
         return jnp.mean(x, axis=axes)
     if kind == "max":
@@ -232,11 +242,28 @@ def normalize_compress(compress: str | Sequence[str]) -> str | tuple[str, ...]:
     return tuple(out)
 
 
-def channel_compress(x: Array, order: Sequence[str], fusion: str = "concat") -> Array:
+def channel_compress(x: Array, order: Sequence[str], fusion: str = "concat", scale: Array | None = None) -> Array:
     """Pools over the channel axis and concatenates in ``order`` (``fusion="concat"``, CBAM), or averages
-    the pooled maps into one channel (``fusion="mean"``, timm's LightSpatialAttn)."""
-    maps = [jnp.max(x, axis=-1, keepdims=True) if k == "max" else jnp.mean(x, axis=-1, keepdims=True)
-            for k in order]
+    the pooled maps into one channel (``fusion="mean"``, timm's LightSpatialAttn).
+
+    ``scale`` (shape ``(N, 1, ..., 1, C)``, e.g. a channel attention map) compresses ``x * scale`` without
+    materialising the product (the mean is one contraction, the max fuses the product into the reduction):
+    this is what keeps CBAM's forward pass near its memory-bandwidth floor.
+    """
+    def pooled(kind: str) -> Array:
+        if scale is None:
+            xs = x
+        elif kind == "mean":
+            flat = x.reshape(x.shape[0], -1, x.shape[-1])
+            s = scale.reshape(x.shape[0], x.shape[-1])
+            return (jnp.einsum("npc,nc->np", flat, s) / x.shape[-1]).reshape(x.shape[:-1] + (1,))
+        else:
+            xs = x * scale
+        if kind == "max":
+            return jnp.max(xs, axis=-1, keepdims=True)
+        return jnp.mean(xs, axis=-1, keepdims=True)
+
+    maps = [pooled(k) for k in order]
     if fusion == "concat":
         return maps[0] if len(maps) == 1 else jnp.concatenate(maps, axis=-1)
     if fusion == "mean":

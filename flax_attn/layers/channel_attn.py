@@ -95,19 +95,23 @@ class ChannelAttention(nnx.Module):
     def _name(self) -> str:
         return f"{type(self).__name__}({self.channels})"
 
-    def logits(self, x: jax.Array) -> jax.Array:
-        """Pre-gate channel logits, shape ``(N, C)``."""
+    def logits(self, x: jax.Array, scale: jax.Array | None = None) -> jax.Array:
+        """Pre-gate channel logits, shape ``(N, C)``, of ``x`` (or of ``x * scale`` without forming it)."""
         F.check_input(x, self.channels, self._name())
-        pooled = [F.global_pool(x, p) for p in self.pool_types]
+        pooled = [F.global_pool(x, p, scale) for p in self.pool_types]
         if self.pool_fusion == "mean" and len(pooled) > 1:
             pooled = [sum(pooled[1:], pooled[0]) / len(pooled)]
         stacked = jnp.stack(pooled, axis=0)  # (P, N, C): one MLP call for all pools
         z = self.fc2(self.act(self.fc1(stacked)))
         return jnp.sum(z, axis=0) if z.shape[0] > 1 else z[0]
 
-    def attention_map(self, x: jax.Array) -> jax.Array:
-        """The channel attention ``M_c(x)``, broadcastable to ``x``: shape ``(N, 1, ..., 1, C)``."""
-        g = self.gate_fn(self.logits(x))
+    def attention_map(self, x: jax.Array, scale: jax.Array | None = None) -> jax.Array:
+        """The channel attention ``M_c(x)``, broadcastable to ``x``: shape ``(N, 1, ..., 1, C)``.
+
+        With ``scale`` (a spatial map ``(N, *spatial, 1)``) it is ``M_c(x * scale)``, computed without
+        materialising ``x * scale``.
+        """
+        g = self.gate_fn(self.logits(x, scale))
         return g.reshape(g.shape[:1] + (1,) * (x.ndim - 2) + g.shape[1:])
 
     def __call__(self, x: jax.Array) -> jax.Array:

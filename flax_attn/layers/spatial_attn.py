@@ -102,21 +102,22 @@ class SpatialAttention(nnx.Module):
         self.bn = (BatchNorm(1, momentum=bn_momentum, epsilon=bn_eps, dtype=dtype, param_dtype=param_dtype,
                              rngs=rngs) if use_bn else None)
 
-    def logits(self, x: jax.Array) -> jax.Array:
-        """Pre-gate spatial logits, shape ``(N, *spatial, 1)``."""
+    def logits(self, x: jax.Array, scale: jax.Array | None = None) -> jax.Array:
+        """Pre-gate spatial logits, shape ``(N, *spatial, 1)``, of ``x`` (or of ``x * scale``, ``scale`` a
+        channel map ``(N, 1, ..., 1, C)``, without forming the product for pooled compression)."""
         F.check_input(x, self.channels, f"SpatialAttention({self.channels})", self.spatial_dims)
         if self.compress is not None:
-            z = self.compress(x)
+            z = self.compress(x if scale is None else x * scale)
         else:
-            z = F.channel_compress(x, self.compress_mode, self.compress_fusion)
+            z = F.channel_compress(x, self.compress_mode, self.compress_fusion, scale)
         z = self.conv(z)
         if self.bn is not None:
             z = self.bn(z)
         return z
 
-    def attention_map(self, x: jax.Array) -> jax.Array:
-        """The spatial attention ``M_s(x)``, shape ``(N, *spatial, 1)``."""
-        return self.gate_fn(self.logits(x))
+    def attention_map(self, x: jax.Array, scale: jax.Array | None = None) -> jax.Array:
+        """The spatial attention ``M_s(x)`` (or ``M_s(x * scale)``), shape ``(N, *spatial, 1)``."""
+        return self.gate_fn(self.logits(x, scale))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         m = self.attention_map(x)
