@@ -1,0 +1,317 @@
+"""Building blocks shared by the backbones: containers whose attribute paths mirror ``torch.nn.Sequential``,
+torch-initialised convolutions and linears, torch-semantics pooling, dropout and stochastic depth.
+
+Everything here is channels-last (NHWC). Padding is always explicit ``((p, p), (p, p))`` so strided
+convolutions and pools match PyTorch on odd sizes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from flax_attn.layers import create_attn
+from flax_attn.layers.norm import BatchNorm
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+# ---------------------------------------------------------------------------------------------- initialisers
+#: ``nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu")`` (torchvision ResNet / MobileNet /
+#: EfficientNet convs; RegNet's ``normal(0, sqrt(2 / fan_out))`` is the same law). Untruncated, like torch.
+kaiming_normal_fan_out: Initializer = jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+#: ``nn.init.kaiming_normal_(w)`` (fan_in; the official CBAM code's conv init).
+kaiming_normal_fan_in: Initializer = jax.nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+#: torch's default ``nn.Linear``/``nn.Conv2d`` weight init: ``kaiming_uniform_(a=sqrt(5))`` = U(+-1/sqrt(fan_in)).
+torch_default_kernel: Initializer = jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+zeros: Initializer = jax.nn.initializers.zeros
+
+
+def normal(std: float) -> Initializer:
+    """``nn.init.normal_(w, 0, std)``."""
+    return jax.nn.initializers.normal(std)
+
+
+def uniform_symmetric(bound: float) -> Initializer:
+    """``nn.init.uniform_(w, -bound, bound)``."""
+
+    def init(key: jax.Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+# ------------------------------------------------------------------------------------------------ containers
+class Sequential(nnx.List):
+    """A callable list of modules: ``Sequential([a, b])(x) == b(a(x))``.
+
+    Unlike :class:`flax.nnx.Sequential` the children sit directly under integer keys, so parameter paths
+    read ``features.3.block.0.0.kernel`` exactly like the ``torch.nn.Sequential`` they mirror, and
+    ``model.features[-1]`` is the last child.
+    """
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for layer in self:
+            x = layer(x)
+        return x
+
+
+class NamedSequential(nnx.Module):
+    """A callable, ordered collection of named modules (``torch.nn.Sequential(OrderedDict(...))``).
+
+    Names may contain characters Python identifiers cannot (torchvision's RegNet calls its blocks
+    ``block1-0``); children are attributes, reachable with ``getattr(seq, "block1-0")`` or ``seq["block1-0"]``.
+    """
+
+    def __init__(self, items: Iterable[tuple[str, nnx.Module]]):
+        names = []
+        for name, module in items:
+            setattr(self, name, module)
+            names.append(name)
+        self._names = tuple(names)
+
+    def names(self) -> tuple[str, ...]:
+        """Child names in call order."""
+        return self._names
+
+    def __getitem__(self, key: str | int) -> nnx.Module:
+        if isinstance(key, int):
+            return getattr(self, self._names[key])
+        if key not in self._names:
+            raise KeyError(f"no child {key!r}: expected one of {self._names}")
+        return getattr(self, key)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for name in self._names:
+            x = getattr(self, name)(x)
+        return x
+
+
+class Activation(nnx.Module):
+    """A parameter-free module wrapping an elementwise function (``nn.ReLU``, ``nn.Hardswish``, ...)."""
+
+    def __init__(self, fn: Callable[[jax.Array], jax.Array], name: str | None = None):
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", "activation")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fn(x)
+
+
+def relu6(x: jax.Array) -> jax.Array:
+    return jnp.clip(x, 0, 6)
+
+
+def hard_swish(x: jax.Array) -> jax.Array:
+    """``torch.nn.Hardswish``: ``x * relu6(x + 3) / 6``."""
+    return x * jnp.clip(x + 3.0, 0.0, 6.0) / 6.0
+
+
+def hard_sigmoid(x: jax.Array) -> jax.Array:
+    """``torch.nn.Hardsigmoid``: ``relu6(x + 3) / 6``."""
+    return jnp.clip(x + 3.0, 0.0, 6.0) / 6.0
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "hard_swish": hard_swish,
+    "hardswish": hard_swish,
+}
+
+
+def act_module(name: str) -> Activation:
+    return Activation(ACTIVATIONS[name], name)
+
+
+class MaxPool2d(nnx.Module):
+    """``torch.nn.MaxPool2d(kernel_size, stride, padding)`` (floor mode): padding is ``-inf``."""
+
+    def __init__(self, kernel_size: int, stride: int | None = None, padding: int = 0):
+        self.kernel_size = kernel_size
+        self.stride = kernel_size if stride is None else stride
+        self.padding = padding
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k, s, p = self.kernel_size, self.stride, self.padding
+        init = jnp.array(-jnp.inf, x.dtype)
+        return jax.lax.reduce_window(x, init, jax.lax.max, (1, k, k, 1), (1, s, s, 1),
+                                     ((0, 0), (p, p), (p, p), (0, 0)))
+
+
+def _adaptive_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """Row ``i`` averages ``x[floor(i*L/n) : ceil((i+1)*L/n)]``, torch's adaptive pooling bins."""
+    m = np.zeros((size_out, size_in), np.float32)
+    for i in range(size_out):
+        start = (i * size_in) // size_out
+        end = -((-(i + 1) * size_in) // size_out)
+        m[i, start:end] = 1.0 / (end - start)
+    return m
+
+
+def adaptive_avg_pool2d(x: jax.Array, output_size: int | tuple[int, int]) -> jax.Array:
+    """``torch.nn.functional.adaptive_avg_pool2d`` on an NHWC map (exact bins, any input size)."""
+    oh, ow = (output_size, output_size) if isinstance(output_size, int) else output_size
+    h, w = x.shape[1], x.shape[2]
+    if (oh, ow) == (1, 1):
+        return jnp.mean(x, axis=(1, 2), keepdims=True)
+    if h % oh == 0 and w % ow == 0:
+        n, _, _, c = x.shape
+        return jnp.mean(x.reshape(n, oh, h // oh, ow, w // ow, c), axis=(2, 4))
+    mh = jnp.asarray(_adaptive_matrix(h, oh), x.dtype)
+    mw = jnp.asarray(_adaptive_matrix(w, ow), x.dtype)
+    return jnp.einsum("ih,jw,nhwc->nijc", mh, mw, x, precision=jax.lax.Precision.HIGHEST)
+
+
+class GlobalAvgPool(nnx.Module):
+    """``nn.AdaptiveAvgPool2d(1)`` followed by ``torch.flatten(x, 1)``: ``(N, H, W, C) -> (N, C)``."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jnp.mean(x, axis=(1, 2))
+
+
+class Dropout(nnx.Dropout):
+    """``nn.Dropout(p)``: active in training mode only (``model.train()``), scaled by ``1 / (1 - p)``.
+
+    Randomness comes from the ``dropout`` stream of the ``rngs`` given to the model's constructor
+    (or its ``default`` stream: ``nnx.Rngs(0)`` is enough), or from ``rngs=`` at call time.
+    """
+
+
+class StochasticDepth(nnx.Module):
+    """``torchvision.ops.StochasticDepth(p, "row")``: in training mode each sample's residual branch is zeroed
+    with probability ``p`` and the survivors are scaled by ``1 / (1 - p)``; identity in eval mode.
+
+    Randomness: the ``dropout`` stream (or ``default``) of the constructor's ``rngs``.
+    """
+
+    def __init__(self, p: float, *, rngs: nnx.Rngs | None, deterministic: bool = False):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"stochastic depth probability must be in [0, 1], got {p}")
+        self.p = p
+        self.deterministic = deterministic
+        self.rngs = rngs["dropout"].fork() if (rngs is not None and p > 0.0) else nnx.data(None)
+
+    def __call__(self, x: jax.Array, *, deterministic: bool | None = None,
+                 rngs: nnx.Rngs | None = None) -> jax.Array:
+        det = self.deterministic if deterministic is None else deterministic
+        if det or self.p == 0.0:
+            return x
+        stream = rngs["dropout"] if rngs is not None else self.rngs
+        if stream is None:
+            raise ValueError("StochasticDepth in training mode needs rngs: build the model with rngs=nnx.Rngs(...) "
+                             "or pass rngs= when calling it")
+        survival = 1.0 - self.p
+        keep = jax.random.bernoulli(stream(), survival, (x.shape[0],) + (1,) * (x.ndim - 1))
+        noise = keep.astype(x.dtype)
+        if survival > 0.0:
+            noise = noise / survival
+        return x * noise
+
+
+# ----------------------------------------------------------------------------------------------- conv layers
+def conv2d(
+    in_ch: int,
+    out_ch: int,
+    kernel_size: int,
+    *,
+    stride: int = 1,
+    padding: int | None = None,
+    dilation: int = 1,
+    groups: int = 1,
+    bias: bool = False,
+    kernel_init: Initializer = kaiming_normal_fan_out,
+    bias_init: Initializer = zeros,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+    rngs: nnx.Rngs,
+) -> nnx.Conv:
+    """``nn.Conv2d`` as an :class:`nnx.Conv` with explicit symmetric padding (default ``(k - 1) // 2 * d``)."""
+    pad = (kernel_size - 1) // 2 * dilation if padding is None else padding
+    return nnx.Conv(
+        in_ch, out_ch, (kernel_size, kernel_size), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+        kernel_dilation=(dilation, dilation), feature_group_count=groups, use_bias=bias,
+        kernel_init=kernel_init, bias_init=bias_init, dtype=dtype, param_dtype=param_dtype, precision=None,
+        rngs=rngs,
+    )
+
+
+def linear(
+    in_features: int,
+    out_features: int,
+    *,
+    kernel_init: Initializer | None = None,
+    bias_init: Initializer | None = None,
+    use_bias: bool = True,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+    rngs: nnx.Rngs,
+) -> nnx.Linear:
+    """``nn.Linear``; default init is torch's (``U(+-1/sqrt(fan_in))`` for weight and bias)."""
+    bound = 1.0 / math.sqrt(in_features)
+    return nnx.Linear(
+        in_features, out_features, use_bias=use_bias,
+        kernel_init=kernel_init or torch_default_kernel, bias_init=bias_init or uniform_symmetric(bound),
+        dtype=dtype, param_dtype=param_dtype, precision=None, rngs=rngs,
+    )
+
+
+def conv_norm_act(
+    in_ch: int,
+    out_ch: int,
+    kernel_size: int,
+    *,
+    stride: int = 1,
+    dilation: int = 1,
+    groups: int = 1,
+    act: str | None = "relu",
+    bn_momentum: float = 0.9,
+    bn_eps: float = 1e-5,
+    kernel_init: Initializer = kaiming_normal_fan_out,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+    rngs: nnx.Rngs,
+) -> Sequential:
+    """``torchvision.ops.Conv2dNormActivation``: children ``0`` conv (no bias), ``1`` BatchNorm, ``2`` act."""
+    layers: list[nnx.Module] = [
+        conv2d(in_ch, out_ch, kernel_size, stride=stride, dilation=dilation, groups=groups, bias=False,
+               kernel_init=kernel_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
+        BatchNorm(out_ch, momentum=bn_momentum, epsilon=bn_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
+    ]
+    if act is not None:
+        layers.append(act_module(act))
+    return Sequential(layers)
+
+
+def make_attn(attn: Any, channels: int, *, dtype: Dtype | None, param_dtype: Dtype, rngs: nnx.Rngs,
+              **kwargs: Any) -> nnx.Module | None:
+    """Builds the attention block of a backbone slot: ``None`` -> no block, a registered name -> the
+    registry's block (with the model's dtypes), a callable -> ``attn(channels, rngs=rngs, **kwargs)``."""
+    if attn is None:
+        return None
+    if isinstance(attn, str):
+        return create_attn(attn, channels, rngs=rngs, dtype=dtype, param_dtype=param_dtype, **kwargs)
+    if callable(attn):
+        return attn(channels, rngs=rngs, **kwargs)
+    raise TypeError(f"attn must be None, a registered attention name or a callable, got {type(attn).__name__}")
+
+
+def check_image(x: Any, in_chans: int, who: str) -> None:
+    """Raises a clear error unless ``x`` is an NHWC batch with ``in_chans`` channels."""
+    shape = getattr(x, "shape", None)
+    if shape is None:
+        raise TypeError(f"{who} expects a jax/numpy array of shape (N, H, W, {in_chans}), got {type(x).__name__}")
+    if len(shape) != 4 or shape[-1] != in_chans:
+        hint = ""
+        if len(shape) == 4 and shape[1] == in_chans:
+            hint = ": did you pass NCHW? the Flax models are channels-last"
+        raise ValueError(f"{who} expects channels-last input (N, H, W, {in_chans}), got {tuple(shape)}{hint}")
