@@ -46,7 +46,8 @@ def _randomize(module: nnx.Module, seed: int) -> None:
 
 
 def _make(name, kw, c, seed=0):
-    m = flax_attn.create_attn(name, c, rngs=nnx.Rngs(seed), **kw)
+    # built abstractly and filled with random values: no initialiser compiles (keeps the file fast)
+    m = nnx.eval_shape(lambda: flax_attn.create_attn(name, c, rngs=nnx.Rngs(seed), **kw))
     _randomize(m, seed + 1)
     return m, fal.create_attn(name, c, **kw)
 
@@ -73,7 +74,7 @@ def test_same_tree_and_outputs(name, kw, shape):
     x = _input(shape)
     v = fal.nnx_to_linen_variables(m)
     # Linen's own init builds exactly the NNX tree (names, shapes, dtypes)
-    init = lin.init(jax.random.key(0), x, train=False)
+    init = jax.eval_shape(lambda: lin.init(jax.random.key(0), x, train=False))
     assert _shapes(dict(init)) == _shapes(v)
     assert lin.preset == getattr(m, "preset", None)
 
@@ -99,7 +100,7 @@ def test_same_tree_and_outputs(name, kw, shape):
         assert dict(upd) == {}
 
     # and back: the Linen variables load into a fresh NNX twin
-    m2 = flax_attn.create_attn(name, shape[-1], rngs=nnx.Rngs(7), **kw)
+    m2 = nnx.eval_shape(lambda: flax_attn.create_attn(name, shape[-1], rngs=nnx.Rngs(7), **kw))
     fal.linen_variables_to_nnx(m2, after)
     _tree_equal(fal.nnx_to_linen_variables(m2), after)
 
@@ -178,7 +179,7 @@ def test_mode_attribute_and_call_argument():
 
 
 def test_batchnorm_twin():
-    bn_nnx = flax_attn.BatchNorm(3, momentum=0.8, epsilon=1e-3, rngs=nnx.Rngs(0))
+    bn_nnx = nnx.eval_shape(lambda: flax_attn.BatchNorm(3, momentum=0.8, epsilon=1e-3, rngs=nnx.Rngs(0)))
     _randomize(bn_nnx, 5)
     bn_lin = fal.BatchNorm(3, momentum=0.8, epsilon=1e-3)
     x = _input((4, 5, 3))
@@ -209,8 +210,7 @@ def _err(fn):
     ("cbam_timm", (2, 5, 7, 16), jnp.int32),  # integer input
 ])
 def test_bad_input_errors_identical(name, shape, dtype):
-    m = flax_attn.create_attn(name, 16, rngs=nnx.Rngs(0))
-    lin = fal.create_attn(name, 16)
+    m, lin = _make(name, {}, 16)
     v = fal.nnx_to_linen_variables(m)
     x = jnp.ones(shape, dtype)
     e_nnx = _err(lambda: m(x))
@@ -237,13 +237,14 @@ def test_bad_options_errors_identical(cls, kw):
 
 def test_create_attn_errors_and_presets():
     assert fal.create_attn("se_mobilenetv3", 72).hidden == 24
-    assert fal.create_attn("se_timm", 64).hidden == flax_attn.create_attn("se_timm", 64, rngs=nnx.Rngs(0)).hidden
+    assert fal.create_attn("se_timm", 64).hidden == nnx.eval_shape(
+        lambda: flax_attn.create_attn("se_timm", 64, rngs=nnx.Rngs(0))).hidden
     with pytest.raises(ValueError, match="unknown attention block"):
         fal.create_attn("nope", 8)
     with pytest.raises(TypeError, match="rngs"):
         fal.create_attn("se", 8, rngs=nnx.Rngs(0))
     with pytest.raises(TypeError, match="no Linen twin"):
         fal.from_nnx(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
-    m = flax_attn.create_attn("cbam", 16, rngs=nnx.Rngs(0))
+    m = nnx.eval_shape(lambda: flax_attn.create_attn("cbam", 16, rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="does not match"):
         fal.linen_variables_to_nnx(m, {"params": {"fc1": {}}})

@@ -114,6 +114,10 @@ class KeyMap:
         object.__setattr__(self, "_nested", tuple(sorted(nested, key=lambda kv: -len(kv[0]))))
         object.__setattr__(self, "_conv1x1", frozenset(_split(p) for p in self.conv1x1))
 
+    def _same_rules(self, other: KeyMap) -> bool:
+        return (self.renames, self.conv1x1, self.nested, self.conv1x1_dims) == (
+            other.renames, other.conv1x1, other.nested, other.conv1x1_dims)
+
     # -- construction helpers ------------------------------------------------------------------------
 
     @classmethod
@@ -208,7 +212,7 @@ def register_key_map(name: str, key_map: KeyMap, *, overwrite: bool = False) -> 
         raise TypeError(f"key_map must be a KeyMap, got {type(key_map).__name__}")
     key = _norm_name(name)
     with _LOCK:
-        if key in _KEY_MAPS and not overwrite and _KEY_MAPS[key] != key_map:
+        if key in _KEY_MAPS and not overwrite and not _KEY_MAPS[key]._same_rules(key_map):
             raise ValueError(f"a key map is already registered as {name!r} (pass overwrite=True to replace it)")
         if key_map.name != key:
             key_map = KeyMap(key_map.renames, conv1x1=key_map.conv1x1, nested=key_map.nested,

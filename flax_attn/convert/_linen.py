@@ -96,7 +96,7 @@ def torch_to_linen(
         old = _find(variables, loc)
         new = jnp.asarray(arrays[slot.flax_path])
         sharding = getattr(old, "sharding", None)
-        if isinstance(old, jax.Array) and sharding is not None:
+        if sharding is not None:  # keep the variable's placement (also that of an abstract, eval_shape'd one)
             new = jax.device_put(new, sharding)
         out = _set(out, loc, new)
     if frozen:

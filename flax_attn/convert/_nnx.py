@@ -82,6 +82,10 @@ def torch_to_nnx(
     raise. A checkpoint dtype other than the variable's is an error unless ``cast=True`` (integers, e.g.
     torch's int64 ``num_batches_tracked``, convert exactly whenever the values fit).
 
+    ``module`` may be abstract (built under ``nnx.eval_shape``, its variables ``jax.ShapeDtypeStruct``,
+    possibly with shardings): loading then skips the random initialisation entirely, and each array is
+    placed with the sharding of its abstract variable.
+
     Returns ``module`` (updated).
 
     Example:
@@ -101,7 +105,7 @@ def torch_to_nnx(
         old = var.get_value()
         new = jnp.asarray(arrays[slot.flax_path])
         sharding = getattr(old, "sharding", None)
-        if isinstance(old, jax.Array) and sharding is not None:
+        if sharding is not None:  # keep the variable's placement (also that of an abstract, eval_shape'd one)
             new = jax.device_put(new, sharding)
         var.set_value(new)
     return module
