@@ -22,7 +22,15 @@ class ConversionError(ValueError):
     def __init__(self, problems: Iterable[str], *, header: str = "weight conversion failed"):
         self.problems: list[str] = list(problems)
         lines = "\n".join(f"  - {p}" for p in self.problems)
+        self.header = header
         super().__init__(f"{header} ({len(self.problems)} problem{'s' * (len(self.problems) != 1)}):\n{lines}")
+
+    def __reduce__(self):  # picklable (pytest-xdist, multiprocessing) with its problem list intact
+        return (_rebuild_conversion_error, (self.problems, self.header))
+
+
+def _rebuild_conversion_error(problems: list[str], header: str) -> ConversionError:
+    return ConversionError(problems, header=header)
 
 
 def _split(path: str | Iterable[str]) -> Path:
@@ -113,6 +121,10 @@ class KeyMap:
         object.__setattr__(self, "_renames", tuple(sorted(renames, key=lambda kv: -len(kv[0]))))
         object.__setattr__(self, "_nested", tuple(sorted(nested, key=lambda kv: -len(kv[0]))))
         object.__setattr__(self, "_conv1x1", frozenset(_split(p) for p in self.conv1x1))
+
+    def __hash__(self) -> int:
+        return hash((tuple(sorted(self.renames.items())), self.conv1x1, self.conv1x1_dims, self.name,
+                     tuple(sorted((k, v) for k, v in self.nested.items()))))
 
     def _same_rules(self, other: KeyMap) -> bool:
         return (self.renames, self.conv1x1, self.nested, self.conv1x1_dims) == (
