@@ -1,67 +1,26 @@
 """CAM figures and the CAM localisation score (pointing game, energy in box).
 
-Grad-CAM (Selvaraju et al., 2017) of the ``layer4`` output: ``cam = relu(sum_c mean_hw(dy/dA_c) * A_c)``,
-min-max normalised per image and resized (bilinear, half-pixel centres) to the input size.
+Grad-CAM (Selvaraju et al., 2017) of the ``layer4`` output, from :mod:`flax_attn.cam` (pytorch-grad-cam's
+pipeline: ReLU, per-image min-max, resize to the input size).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-
-class _Tap:
-    """Stands in for the target layer: returns ``layer(x) + delta`` and keeps the activation, so that the
-    gradient with respect to ``delta`` (zeros) is the gradient with respect to the activation."""
-
-    def __init__(self, layer: Callable, delta: jax.Array | None):
-        self.layer, self.delta, self.activation = layer, delta, None
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        a = self.layer(x)
-        self.activation = a
-        return a if self.delta is None else a + self.delta.astype(a.dtype)
-
-
-def _run_tapped(model: nnx.Module, layer: str, x: jax.Array, delta: jax.Array | None):
-    inner = getattr(model, layer)
-    tap = _Tap(inner, delta)
-    object.__setattr__(model, layer, tap)
-    try:
-        logits = model(x)
-    finally:
-        object.__setattr__(model, layer, inner)
-    return logits, tap.activation
+from flax_attn.cam import compute_cam, make_tap, show_cam_on_image
 
 
 def grad_cam(model: nnx.Module, x: jax.Array, targets: jax.Array | None = None, *,
              layer: str = "layer4") -> tuple[jax.Array, jax.Array]:
-    """Grad-CAM maps ``(B, H, W)`` in [0, 1] for class ``targets`` (default: the predicted class), and the logits.
-
-    ``model`` is an NNX classifier in eval mode whose attribute ``layer`` is the target layer.
-    """
-    graphdef, state = nnx.split(model)
-
-    def score(delta):
-        m = nnx.merge(graphdef, state)
-        logits, act = _run_tapped(m, layer, x, delta)
-        t = jnp.argmax(logits, -1) if targets is None else targets
-        return jnp.take_along_axis(logits.astype(jnp.float32), t[:, None], 1).sum(), (act, logits)
-
-    act = jax.eval_shape(lambda: _run_tapped(nnx.merge(graphdef, state), layer, x, None)[1])
-    delta0 = jnp.zeros(act.shape, jnp.float32)
-    grads, (act, logits) = jax.grad(score, has_aux=True)(delta0)
-    weights = grads.mean(axis=(1, 2), keepdims=True)
-    cam = jax.nn.relu((weights * act.astype(jnp.float32)).sum(-1))
-    cam = jax.image.resize(cam, (cam.shape[0], *x.shape[1:3]), "bilinear")
-    lo = cam.min(axis=(1, 2), keepdims=True)
-    hi = cam.max(axis=(1, 2), keepdims=True)
-    return (cam - lo) / jnp.maximum(hi - lo, 1e-7), logits
+    """Grad-CAM maps ``(B, H, W)`` in [0, 1] of ``layer`` for class ``targets`` (default: the predicted class)
+    and the logits, computed by :func:`flax_attn.cam.compute_cam` (traceable: call it inside ``jax.jit``)."""
+    res = compute_cam(make_tap(model, [layer]), x, targets, method="gradcam")
+    return res.cam, res.output
 
 
 def localisation_scores(cams: np.ndarray, boxes: np.ndarray) -> dict[str, float]:
@@ -87,13 +46,9 @@ def localisation_scores(cams: np.ndarray, boxes: np.ndarray) -> dict[str, float]
 
 
 def overlay(img: np.ndarray, cam: np.ndarray) -> np.ndarray:
-    """A jet-coloured CAM blended on an image in [0, 1] (like pytorch-grad-cam's ``show_cam_on_image``)."""
-    import matplotlib
-
+    """A jet-coloured CAM blended on an image in [0, 1] (:func:`flax_attn.cam.show_cam_on_image`), uint8 RGB."""
     rgb = np.repeat(img, 3, -1) if img.shape[-1] == 1 else img[..., :3]
-    heat = matplotlib.colormaps["jet"](np.clip(cam, 0, 1))[..., :3]
-    out = 0.5 * heat + 0.5 * rgb
-    return out / max(out.max(), 1e-7)
+    return np.asarray(show_cam_on_image(np.clip(rgb, 0, 1), np.clip(cam, 0, 1), use_rgb=True))
 
 
 def save_cam_grid(path: str, rows: list[tuple[str, np.ndarray, np.ndarray]], images: np.ndarray,

@@ -34,7 +34,7 @@ class Config:
     attn: str = field(default="none", metadata={"help": "attention block in every residual block: none, se, "
                                                          "cbam or any flax_attn.layers.list_attn() name"})
     width: int = field(default=16, metadata={"help": "channels of the first stage (64 = torchvision)"})
-    stem: str = field(default="cifar", metadata={"help": "cifar (3x3 conv, stride 1) or imagenet (7x7/2 + pool)"})
+    stem: str = field(default="cifar", metadata={"help": "cifar (3x3 conv, stride 1) or torchvision (7x7/2 + pool)"})
     zero_init_residual: bool = field(default=False, metadata={"help": "zero-init the last BN of each block"})
     compute_dtype: str = field(default="float32", metadata={"help": "float32 or bfloat16 (params stay float32)"})
     # data
@@ -76,7 +76,7 @@ class Config:
 
     def __post_init__(self) -> None:
         for name, allowed in (("dataset", DATASETS), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
-                              ("compute_dtype", COMPUTE_DTYPES), ("stem", ("cifar", "imagenet"))):
+                              ("compute_dtype", COMPUTE_DTYPES), ("stem", ("cifar", "torchvision"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}: expected one of {allowed}")
         positive = ("width", "batch_size", "num_steps", "log_every", "keep_checkpoints", "prefetch",

@@ -173,6 +173,17 @@ class Functions:
         return cam_pred, cam_true, jnp.argmax(logits, -1)
 
 
+@functools.lru_cache(maxsize=4)
+def _cached_functions(config: Config, num_classes: int, in_chans: int, devices: tuple) -> Functions:
+    return Functions(config, num_classes=num_classes, in_chans=in_chans, mesh=make_mesh())
+
+
+def get_functions(config: Config, *, num_classes: int, in_chans: int) -> Functions:
+    """The jitted functions of ``config``, reused by later runs of the same config in this process (a resumed
+    run, a repeated test) so that they compile once."""
+    return _cached_functions(config, num_classes, in_chans, tuple(jax.devices()))
+
+
 # --------------------------------------------------------------------------------------------------
 # evaluation, CAMs, logging helpers
 # --------------------------------------------------------------------------------------------------
@@ -281,8 +292,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
         print(f"warning: skipped {len(train_ds.skipped)} unreadable image(s):\n  " + "\n  ".join(train_ds.skipped))
     data_lib.batch_indices(len(train_ds), config.batch_size, config.seed, 0)  # batch vs dataset size check
 
-    mesh = make_mesh()
-    fns = Functions(config, num_classes=len(train_ds.class_names), in_chans=train_ds.images.shape[-1], mesh=mesh)
+    fns = get_functions(config, num_classes=len(train_ds.class_names), in_chans=train_ds.images.shape[-1])
     writer = MetricsWriter(workdir)
     mngr = checkpoint_manager(workdir, config.keep_checkpoints)
     state = fns.init()
@@ -299,15 +309,15 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
                    dynamic_ncols=True)
 
     pending: list[tuple[int, dict[str, jax.Array]]] = []
-    last_good_step = start
     t_first_done = None
+    compile_seconds = None
     images_timed = 0
     eval_seconds = 0.0
     t_interval, images_interval = time.perf_counter(), 0
 
     def flush(step_done: int) -> None:
         """Fetches the pending per-step metrics (a host sync), checks them, logs their mean."""
-        nonlocal pending, last_good_step, t_interval, images_interval
+        nonlocal pending, t_interval, images_interval
         if not pending:
             return
         fetched = jax.device_get([m for _, m in pending])
@@ -328,46 +338,52 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
         if bar is not None:
             bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", img_s=f"{ips:.0f}")
         pending = []
-        last_good_step = step_done
         t_interval, images_interval = now, 0
+
+    def _train_loop() -> None:
+        nonlocal state, t_first_done, compile_seconds, t_interval, images_interval, images_timed, eval_seconds
+        for step, x, y in data_lib.device_batches(train_ds, batch_size=config.batch_size, seed=config.seed,
+                                                  start_step=start, num_steps=config.num_steps,
+                                                  sharding=fns.batch_sharding, prefetch=config.prefetch):
+            state, metrics = fns.train_step(state, x, y)
+            pending.append((step, metrics))
+            done = step + 1
+            if t_first_done is None:
+                # the first step includes compilation: wait for it once so that images/s measures steady state
+                jax.block_until_ready(metrics)
+                t_first_done = time.perf_counter()
+                compile_seconds = t_first_done - t_loop
+                t_interval, images_interval = t_first_done, 0
+            else:
+                images_interval += config.batch_size
+                images_timed += config.batch_size
+            if bar is not None:
+                bar.update(1)
+            is_last = done == config.num_steps
+            want_ckpt = is_last or (config.checkpoint_every and done % config.checkpoint_every == 0)
+            want_eval = config.eval_every and done % config.eval_every == 0 and not is_last
+            if done % config.log_every == 0 or want_ckpt or want_eval or is_last:
+                flush(done)
+            if want_eval:
+                t0 = time.perf_counter()
+                ev = evaluate(fns, state, val_ds, config.batch_size)
+                writer.write(split="eval", step=done, **ev)
+                dt = time.perf_counter() - t0
+                eval_seconds += dt
+                t_interval += dt
+            if want_ckpt:
+                mngr.save(done, args=ocp.args.StandardSave(state))
 
     fns_lr = learning_rate_schedule(config)
     t_loop = time.perf_counter()
-    for step, x, y in data_lib.device_batches(train_ds, batch_size=config.batch_size, seed=config.seed,
-                                              start_step=start, num_steps=config.num_steps,
-                                              sharding=fns.batch_sharding, prefetch=config.prefetch):
-        state, metrics = fns.train_step(state, x, y)
-        pending.append((step, metrics))
-        done = step + 1
-        if t_first_done is None:
-            # the first step includes compilation: wait for it once so that images/s measures steady state
-            jax.block_until_ready(metrics)
-            t_first_done = time.perf_counter()
-            compile_seconds = t_first_done - t_loop
-            t_interval, images_interval = t_first_done, 0
-        else:
-            images_interval += config.batch_size
-            images_timed += config.batch_size
+    try:
+        _train_loop()
+    finally:
+        # an interrupted run (Ctrl-C, an exception) still finishes the checkpoint being written
+        mngr.wait_until_finished()
         if bar is not None:
-            bar.update(1)
-        is_last = done == config.num_steps
-        want_ckpt = is_last or (config.checkpoint_every and done % config.checkpoint_every == 0)
-        want_eval = config.eval_every and done % config.eval_every == 0 and not is_last
-        if done % config.log_every == 0 or want_ckpt or want_eval or is_last:
-            flush(done)
-        if want_eval:
-            t0 = time.perf_counter()
-            ev = evaluate(fns, state, val_ds, config.batch_size)
-            writer.write(split="eval", step=done, **ev)
-            dt = time.perf_counter() - t0
-            eval_seconds += dt
-            t_interval += dt
-        if want_ckpt:
-            mngr.save(done, args=ocp.args.StandardSave(state))
+            bar.close()
     train_seconds = (time.perf_counter() - t_first_done - eval_seconds) if t_first_done else 0.0
-    if bar is not None:
-        bar.close()
-    mngr.wait_until_finished()
     if mngr.latest_step() != config.num_steps and start < config.num_steps:
         raise RuntimeError(f"final checkpoint missing (latest {mngr.latest_step()})")
 
@@ -378,7 +394,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
         "resumed_from": start, "val_loss": ev["loss"], "val_accuracy": ev["accuracy"],
         "params": count_params(state["params"]),
         "images_per_sec": images_timed / train_seconds if train_seconds > 0 and images_timed else None,
-        "compile_seconds": compile_seconds if t_first_done else None, "devices": jax.device_count(),
+        "compile_seconds": compile_seconds, "devices": jax.device_count(),
         "processes": jax.process_count(),
     }
     if val_ds.boxes is not None or config.cam_images:

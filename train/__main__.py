@@ -1,0 +1,96 @@
+"""Command line of the training application.
+
+    python -m train                      # the main job: ResNet vs +SE vs +CBAM on cluttered digits
+    python -m train main [--field ...]   # the same, with any Config field changed
+    python -m train run --workdir DIR [--field ...]   # one run (resumes from DIR's latest checkpoint)
+
+Multi-host: set JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID (or run under
+SLURM / Open MPI with --distributed) on every host; each process then feeds its share of the global batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from train.config import Config, add_config_arguments, config_from_args
+
+
+def _maybe_initialize_distributed(force: bool) -> None:
+    """``jax.distributed.initialize`` from the environment (before any other JAX call)."""
+    if not (force or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+        return
+    import jax
+
+    kw = {}
+    if os.environ.get("JAX_NUM_PROCESSES"):
+        kw["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
+    if os.environ.get("JAX_PROCESS_ID"):
+        kw["process_id"] = int(os.environ["JAX_PROCESS_ID"])
+    jax.distributed.initialize(**kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from train.main_job import MAIN_JOB_ATTNS, MAIN_JOB_CONFIG
+
+    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command")
+    parser.subparsers = {}
+    main = sub.add_parser("main", help="the main job (default): baseline vs SE vs CBAM, one table",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    main.add_argument("--workdir", default="runs/main", help="output folder (one sub-folder per model)")
+    main.add_argument("--attns", default=",".join(MAIN_JOB_ATTNS), help="comma-separated attention blocks")
+    main.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() (auto-detect)")
+    add_config_arguments(main, MAIN_JOB_CONFIG)
+    parser.subparsers["main"] = main
+    run = sub.add_parser("run", help="one training run", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    run.add_argument("--workdir", required=True, help="output folder; an existing run there is resumed")
+    run.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() (auto-detect)")
+    add_config_arguments(run, Config())
+    parser.subparsers["run"] = run
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["main", *argv]
+    args = parser.parse_args(argv)
+    parser = parser.subparsers[args.command]
+    try:
+        config = config_from_args(args)
+    except ValueError as e:
+        parser.error(str(e))
+    _maybe_initialize_distributed(args.distributed)
+    from train.train import NonFiniteLossError, check_config
+
+    try:
+        check_config(config)
+        if args.command == "main":
+            attns = [a.strip() for a in args.attns.split(",") if a.strip()]
+            for a in attns:
+                check_config(config.replace(attn=a))
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+    try:
+        if args.command == "run":
+            from train.train import train_and_evaluate
+
+            summary = train_and_evaluate(config, args.workdir)
+            print(json.dumps(summary, indent=2))
+        else:
+            from train.main_job import run_main_job
+
+            run_main_job(config, args.workdir, attns)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
