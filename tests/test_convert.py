@@ -27,6 +27,7 @@ from flax_attn.convert import (
     linen_to_numpy,
     list_key_maps,
     load_safetensors,
+    module_key_map,
     nnx_to_numpy,
     register_key_map,
     save_safetensors,
@@ -346,6 +347,10 @@ def test_presets_of_submodules_are_nested_automatically():
     assert "fc.weight" in sd and "stem.weight" in sd
     net2 = torch_to_nnx(_abstract(lambda: _Net(nnx.Rngs(1))), sd, key_map=KeyMap({"head": "fc"}))
     _assert_sd_equal(nnx_to_numpy(net2, key_map=KeyMap({"head": "fc"})), sd)
+    # the effective map, for inspection
+    eff = module_key_map(net, KeyMap({"head": "fc"}))
+    assert eff.torch_key("layer1.0.attn.spatial.bn.var") == "layer1.0.attn.SpatialGate.spatial.bn.running_var"
+    assert eff.translate("layer1.1.attn.fc2") == ("layer1.1.attn.fc2", True)
     # a registered model map; an explicit nested entry wins over the sub-module's preset
     register_key_map("test_net_v1", KeyMap({"head": "fc"}, nested={"layer1.0.attn": KeyMap()}), overwrite=True)
     net.preset = "test_net_v1"

@@ -56,7 +56,7 @@ from flax_attn.convert._keymap import (
     register_key_map,
 )
 from flax_attn.convert._linen import linen_to_numpy, linen_to_torch, torch_to_linen
-from flax_attn.convert._nnx import nnx_to_numpy, nnx_to_torch, torch_to_nnx
+from flax_attn.convert._nnx import module_key_map, nnx_to_numpy, nnx_to_torch, torch_to_nnx
 from flax_attn.convert._rules import ConversionWarning
 from flax_attn.convert._safetensors import load_safetensors, save_safetensors
 
@@ -69,6 +69,7 @@ __all__ = [
     "linen_to_torch",
     "list_key_maps",
     "load_safetensors",
+    "module_key_map",
     "nnx_to_numpy",
     "nnx_to_torch",
     "register_key_map",

@@ -24,7 +24,7 @@ def _check_module(module: Any) -> None:
         raise TypeError(f"module must be a flax.nnx.Module, got {type(module).__name__}{hint}")
 
 
-def _plan(module: nnx.Module, key_map: KeyMapLike) -> tuple[list[Slot], list[nnx.Variable], list[str]]:
+def _walk(module: nnx.Module, key_map: KeyMapLike):
     _check_module(module)
     km: KeyMap = resolve_key_map(key_map, getattr(module, "preset", None) if key_map is None else None)
     modules: dict[tuple, nnx.Module] = {}
@@ -46,7 +46,27 @@ def _plan(module: nnx.Module, key_map: KeyMapLike) -> tuple[list[Slot], list[nnx
 
     presets = {normalize(p): m.preset for p, m in modules.items()
                if p and isinstance(getattr(m, "preset", None), str)}
-    km = km.add_auto_nested(presets)
+    return km.add_auto_nested(presets), modules, variables, normalize
+
+
+def module_key_map(module: nnx.Module, key_map: KeyMapLike = None) -> KeyMap:
+    """The key map conversions of ``module`` use: ``key_map`` (``None``: ``module.preset``'s map or
+    identity) with the maps of the sub-modules' presets nested at their paths.
+
+    Example:
+        >>> from flax import nnx
+        >>> from flax_attn import create_attn
+        >>> class Block(nnx.Module):
+        ...     def __init__(self):
+        ...         self.attn = create_attn("cbam_official", 32, rngs=nnx.Rngs(0))
+        >>> module_key_map(Block()).torch_key("attn.channel.fc1.kernel")
+        'attn.ChannelGate.mlp.1.weight'
+    """
+    return _walk(module, key_map)[0]
+
+
+def _plan(module: nnx.Module, key_map: KeyMapLike) -> tuple[list[Slot], list[nnx.Variable], list[str]]:
+    km, modules, variables, normalize = _walk(module, key_map)
     problems: list[str] = []
     slots, refs = [], []
     for path, var in variables:
