@@ -96,12 +96,23 @@ def test_conv_kernels_nd_grouped_depthwise(nd, groups):
     w = _r(cout, cin // groups, *k)                     # torch OI(D)HW
     torch_to_nnx(conv, {"weight": w, "bias": _r(cout)})
     assert conv.kernel.shape == (*k, cin // groups, cout)
-    # the moved axes: flax[*k, i, o] == torch[o, i, *k]
-    idx = tuple(RNG.integers(0, s) for s in (*k, cin // groups, cout))
-    assert conv.kernel[...][idx] == w[(idx[-1], idx[-2], *idx[:-2])]
+    # flax[*k, i, o] == torch[o, i, *k]
+    np.testing.assert_array_equal(np.asarray(conv.kernel[...]), np.moveaxis(w, (0, 1), (-1, -2)))
     _assert_sd_equal({"weight": w}, {"weight": nnx_to_numpy(conv)["weight"]})
-    # numerics: a direct correlation in numpy for the 1-D case
-    if nd == 1 and groups == 1:
+    # numerics against a direct (torch-semantics) grouped correlation written in numpy
+    if nd == 2:
+        x = _r(2, 5, 7, cin)
+        out = np.asarray(conv(x)) - np.asarray(conv.bias[...])
+        cg, og = cin // groups, cout // groups
+        ref = np.zeros(out.shape, np.float64)
+        for o in range(cout):
+            g = o // og
+            for dy in range(k[0]):
+                for dx in range(k[1]):
+                    patch = x[:, dy:dy + out.shape[1], dx:dx + out.shape[2], g * cg:(g + 1) * cg]
+                    ref[..., o] += patch @ w[o, :, dy, dx]
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    if nd == 1:
         x = _r(1, 7, cin)
         out = np.asarray(conv(x))[0] - np.asarray(conv.bias[...])
         ref = np.stack([sum(x[0, i + t] @ w[:, :, t].T for t in range(3)) for i in range(5)])
