@@ -69,6 +69,8 @@ def _per_target(fn, target: Target | None, grid: CallableGrid | None):
     if grid is not None:
         outs = [fn(tuple(row[t] for row in grid.rows)) for t in range(grid.num_targets)]
         return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+    if not jax.tree.leaves(target):  # a target without array fields (e.g. SoftmaxOutputTarget)
+        return jax.tree.map(lambda v: v[None], fn(target))
     return jax.vmap(fn, in_axes=1)(target)
 
 

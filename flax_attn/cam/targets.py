@@ -78,6 +78,8 @@ class Target:
         fields = {}
         for f, e in self._event_ndim.items():
             leaf = jnp.asarray(getattr(self, f))
+            # explicit dtype: no weak types, so ints from Python and from arrays share one jit cache entry
+            leaf = jnp.asarray(leaf, dtype=jnp.int32 if jnp.issubdtype(leaf.dtype, jnp.integer) else leaf.dtype)
             leaf_bs = leaf.shape[: leaf.ndim - e]
             event = leaf.shape[leaf.ndim - e:]
             if leaf_bs == bs and len(bs) == 1:
