@@ -270,6 +270,8 @@ def test_bad_arguments():
     m.preset = "no_such_preset"
     with pytest.raises(ValueError, match="no key map registered as 'no_such_preset'"):
         nnx_to_numpy(m)
+    with pytest.raises(ConversionError, match=r"fc1.kernel has no value \(an abstract, eval_shape'd variable\)"):
+        nnx_to_numpy(_abstract(lambda: flax_attn.create_attn("se", 16, rngs=nnx.Rngs(0))))
     with pytest.raises(ConversionError, match="expected a tensor or an array"):
         torch_to_nnx(_abstract(lambda: flax_attn.create_attn("se", 16, rngs=nnx.Rngs(0))),
                      {**nnx_to_numpy(_build(lambda: flax_attn.create_attn("se", 16, rngs=nnx.Rngs(0)))),

@@ -109,7 +109,7 @@ def torch_to_linen(
 def linen_to_numpy(variables: Mapping[str, Any], *, key_map: KeyMapLike = None) -> dict[str, np.ndarray]:
     """Linen variables as a PyTorch-layout ``state_dict`` of numpy arrays (no torch needed)."""
     slots, locs, problems = _plan(variables, key_map)
-    values = {s.flax_path: np.asarray(jax.device_get(_find(variables, loc))) for s, loc in zip(slots, locs)}
+    values = {s.flax_path: _find(variables, loc) for s, loc in zip(slots, locs)}
     return export_arrays(slots, values, problems)
 
 

@@ -144,7 +144,7 @@ def nnx_to_numpy(module: nnx.Module, *, key_map: KeyMapLike = None) -> dict[str,
         (2, 32, 1, 1)
     """
     slots, refs, problems = _plan(module, key_map)
-    values = {s.flax_path: np.asarray(jax.device_get(v.get_value())) for s, v in zip(slots, refs)}
+    values = {s.flax_path: v.get_value() for s, v in zip(slots, refs)}
     return export_arrays(slots, values, problems)
 
 

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import jax
 import numpy as np
 
 from flax_attn.convert._keymap import ConversionError, KeyMap, Path
@@ -228,11 +229,21 @@ def import_arrays(slots: list[Slot], state_dict: Mapping[str, Any], *, strict: b
     return out
 
 
+def host_value(slot: Slot, value: Any, problems: list[str]) -> np.ndarray | None:
+    """A variable's value on the host, or ``None`` (and a problem) for an abstract value."""
+    if isinstance(value, jax.ShapeDtypeStruct):
+        problems.append(f"{slot.flax_path} has no value (an abstract, eval_shape'd variable): load or "
+                        "initialise it before exporting")
+        return None
+    return np.asarray(jax.device_get(value))
+
+
 def export_arrays(slots: list[Slot], values: Mapping[str, Any],
                   problems: list[str] | None = None) -> dict[str, np.ndarray]:
     """``{flax_path: value}`` -> ``{torch key: numpy array in torch layout/dtype}``."""
     problems = list(problems or [])
     check_plan(slots, problems)
+    values = {s.flax_path: host_value(s, values[s.flax_path], problems) for s in slots}
     if problems:
         raise ConversionError(problems, header="Flax -> torch conversion failed")
     out: dict[str, np.ndarray] = {}
