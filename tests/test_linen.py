@@ -25,6 +25,7 @@ CASES = [(name, {}, SHAPE) for name in list_attn() if name not in _ALIASES] + [
     ("cbam", dict(spatial_dims=3, kernel_size=3, compress=("max",), spatial_gate="hard_sigmoid"), (2, 3, 4, 5, 16)),
     ("sam", dict(compress_fusion="mean", use_bn=True, bn_momentum=0.7, bn_eps=1e-3), (2, 1, 1, 16)),
     ("se", dict(pool_types=("avg", "max"), pool_fusion="mean", act="silu", gate="hard_sigmoid"), (1, 1, 1, 16)),
+    ("cbam_timm", dict(param_dtype=jnp.bfloat16, dtype=jnp.bfloat16), SHAPE),
 ]
 IDS = [f"{n}-{i}" for i, (n, _, _) in enumerate(CASES)]
 
