@@ -17,6 +17,11 @@ class ConversionError(ValueError):
     Raised once per conversion with *all* the problems found (missing variables, unexpected checkpoint
     keys, shape or dtype mismatches, unsupported layers), never after a partial load: when it is raised
     the target module or variables are unchanged.
+
+    Example:
+        >>> err = ConversionError(["missing: fc1.kernel", "unexpected: checkpoint key 'fc.weight'"])
+        >>> isinstance(err, ValueError), len(err.problems)
+        (True, 2)
     """
 
     def __init__(self, problems: Iterable[str], *, header: str = "weight conversion failed"):
@@ -251,7 +256,12 @@ def get_key_map(name: str | KeyMap) -> KeyMap:
 
 
 def list_key_maps() -> list[str]:
-    """Names of the registered key maps."""
+    """Names of the registered key maps.
+
+    Example:
+        >>> "cbam_official" in list_key_maps()
+        True
+    """
     return sorted(_KEY_MAPS)
 
 

@@ -107,7 +107,16 @@ def torch_to_linen(
 
 
 def linen_to_numpy(variables: Mapping[str, Any], *, key_map: KeyMapLike = None) -> dict[str, np.ndarray]:
-    """Linen variables as a PyTorch-layout ``state_dict`` of numpy arrays (no torch needed)."""
+    """Linen variables as a PyTorch-layout ``state_dict`` of numpy arrays (no torch needed).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from flax_attn.linen import create_attn
+        >>> se = create_attn("se_torchvision", 32)
+        >>> v = se.init(jax.random.key(0), jnp.ones((1, 3, 3, 32)))
+        >>> linen_to_numpy(v, key_map=se.preset)["fc1.weight"].shape
+        (2, 32, 1, 1)
+    """
     slots, locs, problems = _plan(variables, key_map)
     values = {s.flax_path: _find(variables, loc) for s, loc in zip(slots, locs)}
     return export_arrays(slots, values, problems)

@@ -43,6 +43,13 @@ def save_safetensors(state_dict: Mapping[str, Any], path: str | os.PathLike, *,
 
     The file is what ``safetensors.torch.save_file`` would write for the same tensors, so PyTorch code
     reads it with ``safetensors.torch.load_file``. Typical use: ``save_safetensors(nnx_to_numpy(model), p)``.
+
+    Example:
+        >>> import tempfile, os, numpy as np
+        >>> p = os.path.join(tempfile.mkdtemp(), "w.safetensors")
+        >>> save_safetensors({"bn.num_batches_tracked": np.array(3, np.int64)}, p, metadata={"format": "pt"})
+        >>> int(load_safetensors(p)["bn.num_batches_tracked"])
+        3
     """
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping {{key: array}}, got {type(state_dict).__name__}")

@@ -118,6 +118,16 @@ def linen_variables_to_nnx(module: nnx.Module, variables: Any) -> nnx.Module:
     """Writes Linen variables (``params`` and ``batch_stats``) into the NNX twin ``module``, in place.
 
     The trees must match exactly (same block, same options): a missing or extra entry raises.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from flax import nnx
+        >>> import flax_attn
+        >>> lin = create_attn("cbam_timm", 32)
+        >>> v = lin.init(jax.random.key(0), jnp.ones((2, 4, 4, 32)))
+        >>> m = linen_variables_to_nnx(flax_attn.create_attn("cbam_timm", 32, rngs=nnx.Rngs(1)), v)
+        >>> bool(jnp.array_equal(m.channel.fc1.kernel[...], v["params"]["channel"]["fc1"]["kernel"]))
+        True
     """
     if not isinstance(module, nnx.Module):
         raise TypeError(f"module must be a flax.nnx.Module, got {type(module).__name__}")
