@@ -9,20 +9,26 @@ Import from any parity test: ``from parity_tests._utils import rel_err, assert_c
 * :func:`randomize_module_` draws every floating parameter of a torch module afresh (never the default
   init) and randomises every BatchNorm's running statistics and ``num_batches_tracked`` (never identity:
   mean ~ N(0, 0.5^2), var ~ U(0.5, 2)). :func:`randomize_bn_stats_` does the BatchNorm part only.
+* :func:`build_flax` builds an NNX module abstractly (``nnx.eval_shape``) and fills it with zeros held in
+  host memory: no initialiser runs, so no per-shape XLA compilation (eager init costs ~1 s of CPU per block
+  configuration). Use it when every variable is then loaded from a torch ``state_dict``.
 * :func:`random_input` draws a float32 NCHW input from a continuous distribution (no zeros; ties in a
   ``max`` have probability ~0, which matters because frameworks route tie gradients differently).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import jax
 import numpy as np
 import torch
 from torch import nn
 
 __all__ = [
     "assert_close",
+    "build_flax",
     "max_abs",
     "random_input",
     "randomize_bn_stats_",
@@ -123,3 +129,16 @@ def random_input(shape: tuple[int, ...], seed: int = 0, dtype: torch.dtype = tor
     """A random float input of ``shape`` (channels-first), ``N(0.1, 1)`` so that no value is 0."""
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(shape, generator=g) + 0.1).to(dtype)
+
+
+def build_flax(factory: Callable[[], Any]) -> Any:
+    """``factory()`` (an NNX module constructor call) built abstractly, every variable set to zeros.
+
+    For parity tests that overwrite all variables with ``torch_to_nnx(..., strict=True)`` right after.
+    """
+    from flax import nnx
+
+    abstract = nnx.eval_shape(factory)
+    graphdef, state = nnx.split(abstract)
+    state = jax.tree.map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype)), state)
+    return nnx.merge(graphdef, state)
