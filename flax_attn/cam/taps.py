@@ -194,7 +194,12 @@ class NNXTap(Tap):
 
     def split(self):
         graphdef, state = nnx.split(self.model)
-        return (_NNXStatic(graphdef, self.layers, self.call, self.eval_mode)), state
+        # reuse the previous static key while the structure is unchanged: its hash is computed once and
+        # jit's cache lookup then hits the identity fast path (hashing a ResNet-50 graphdef costs ~10 ms)
+        last = getattr(self, "_last_static", None)
+        if last is None or last.graphdef != graphdef:
+            last = self._last_static = _NNXStatic(graphdef, self.layers, self.call, self.eval_mode)
+        return last, state
 
     def rebuild(self, static, dynamic):
         return _NNXSplitTap(static, dynamic)
@@ -204,12 +209,13 @@ class _NNXStatic:
     def __init__(self, graphdef, layers, call, eval_mode):
         self.key = (graphdef, layers, call, eval_mode)
         self.graphdef, self.layers, self.call, self.eval_mode = graphdef, layers, call, eval_mode
+        self._hash = hash(self.key)
 
     def __hash__(self):
-        return hash(self.key)
+        return self._hash
 
     def __eq__(self, other):
-        return isinstance(other, _NNXStatic) and self.key == other.key
+        return self is other or (isinstance(other, _NNXStatic) and self._hash == other._hash and self.key == other.key)
 
 
 class _NNXSplitTap(NNXTap):
