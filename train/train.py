@@ -119,7 +119,8 @@ class Functions:
         self.train_step = jax.jit(self._train_step, donate_argnums=(0,),
                                   out_shardings=(self.replicated, self.replicated))
         self.eval_step = jax.jit(self._eval_step, out_shardings=self.replicated)
-        self.cam_step = jax.jit(self._cam_step)
+        self.cam_step = jax.jit(self._cam_step, out_shardings=self.replicated)
+        self.cam_pred_step = jax.jit(self._cam_pred_step, out_shardings=self.replicated)
 
     def _new_model(self) -> nnx.Module:
         return build_model(self.config, num_classes=self.num_classes, in_chans=self.in_chans,
@@ -166,11 +167,13 @@ class Functions:
                 "count": mask.sum()}
 
     def _cam_step(self, state: dict[str, Any], x: jax.Array, y: jax.Array):
-        model = self.merged(state, train=False)
-        xin = self.prepare(x, self.compute_dtype)
-        cam_pred, logits = grad_cam(model, xin)
-        cam_true, _ = grad_cam(model, xin, y)
-        return cam_pred, cam_true, jnp.argmax(logits, -1)
+        """Grad-CAM of the true class ``y`` (for the localisation scores)."""
+        return grad_cam(self.merged(state, train=False), self.prepare(x, self.compute_dtype), y)[0]
+
+    def _cam_pred_step(self, state: dict[str, Any], x: jax.Array):
+        """Grad-CAM of the predicted class and the prediction (for the figures)."""
+        cam, logits = grad_cam(self.merged(state, train=False), self.prepare(x, self.compute_dtype))
+        return cam, jnp.argmax(logits, -1)
 
 
 @functools.lru_cache(maxsize=4)
@@ -212,17 +215,18 @@ def evaluate(fns: Functions, state: dict[str, Any], ds: data_lib.Dataset, batch_
             "accuracy": float(totals["correct"] / totals["count"])}
 
 
-def compute_cams(fns: Functions, state: dict[str, Any], ds: data_lib.Dataset, batch_size: int,
-                 limit: int | None = None) -> dict[str, np.ndarray]:
-    """Grad-CAM maps of the predicted and of the true class for the first ``limit`` validation images."""
-    outs: dict[str, list[np.ndarray]] = {"cam_pred": [], "cam_true": [], "pred": []}
-    for x, y, _, _, mask in _padded_batches(ds, batch_size, fns.batch_sharding, limit):
-        cp, ct, pred = jax.device_get(fns.cam_step(state, x, y))
-        keep = mask > 0
-        outs["cam_pred"].append(cp[keep])
-        outs["cam_true"].append(ct[keep])
-        outs["pred"].append(pred[keep])
-    return {k: np.concatenate(v) for k, v in outs.items()}
+def compute_cams(fns: Functions, state: dict[str, Any], ds: data_lib.Dataset, batch_size: int, *,
+                 num_true: int, num_pred: int) -> dict[str, np.ndarray]:
+    """Grad-CAM maps of the true class for the first ``num_true`` images, and of the predicted class (with the
+    predictions) for the first ``num_pred``."""
+    outs: dict[str, list[np.ndarray]] = {"cam_true": [], "cam_pred": [], "pred": []}
+    for x, y, _, _, mask in _padded_batches(ds, batch_size, fns.batch_sharding, num_true):
+        outs["cam_true"].append(np.asarray(jax.device_get(fns.cam_step(state, x, y)))[mask > 0])
+    for x, _, _, _, mask in _padded_batches(ds, batch_size, fns.batch_sharding, num_pred):
+        cam, pred = jax.device_get(fns.cam_pred_step(state, x))
+        outs["cam_pred"].append(cam[mask > 0])
+        outs["pred"].append(pred[mask > 0])
+    return {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in outs.items()}
 
 
 class MetricsWriter:
@@ -284,8 +288,16 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
 
     check_config(config)
     os.makedirs(workdir, exist_ok=True)
+    config_path = os.path.join(workdir, "config.json")
+    if os.path.isfile(config_path):
+        with open(config_path) as f:
+            old = json.load(f)
+        changed = sorted(k for k, v in config.to_dict().items() if old.get(k) != v)
+        if changed:
+            print(f"warning: {workdir} holds a run with a different config (changed: {changed}); resuming its "
+                  f"latest checkpoint with the new config")
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
+        with open(config_path, "w") as f:
             f.write(config.to_json())
     train_ds, val_ds = data_lib.load_dataset(config)
     if train_ds.skipped:
@@ -397,20 +409,19 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
         "compile_seconds": compile_seconds, "devices": jax.device_count(),
         "processes": jax.process_count(),
     }
-    if val_ds.boxes is not None or config.cam_images:
-        limit = None if val_ds.boxes is not None else config.cam_images
-        cams = compute_cams(fns, state, val_ds, config.batch_size, limit)
-        if val_ds.boxes is not None:
-            summary.update(localisation_scores(cams["cam_true"], val_ds.boxes[:len(cams["cam_true"])]))
-        if config.cam_images and jax.process_index() == 0:
-            k = min(config.cam_images, len(val_ds))
+    num_true = len(val_ds) if val_ds.boxes is not None else 0
+    num_pred = min(config.cam_images, len(val_ds))
+    if num_true or num_pred:
+        cams = compute_cams(fns, state, val_ds, config.batch_size, num_true=num_true, num_pred=num_pred)
+        if num_true:
+            summary.update(localisation_scores(cams["cam_true"], val_ds.boxes))
+        if num_pred and jax.process_index() == 0:
+            k = num_pred
             summary["cam_figure"] = save_cam_grid(
-                os.path.join(workdir, "cam.png"), [(f"{config.model}+{config.attn}", cams["cam_pred"][:k],
-                                                     cams["pred"][:k])],
+                os.path.join(workdir, "cam.png"), [(f"{config.model}+{config.attn}", cams["cam_pred"], cams["pred"])],
                 val_ds.images[:k], val_ds.labels[:k], val_ds.class_names,
                 None if val_ds.boxes is None else val_ds.boxes[:k])
-            np.savez_compressed(os.path.join(workdir, "cams.npz"), cam_pred=cams["cam_pred"][:k],
-                                pred=cams["pred"][:k])
+            np.savez_compressed(os.path.join(workdir, "cams.npz"), cam_pred=cams["cam_pred"], pred=cams["pred"])
     writer.write(split="summary", step=config.num_steps, **summary)
     mngr.close()
     return summary
