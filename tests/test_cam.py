@@ -65,7 +65,7 @@ def test_jit_cache_second_call_does_not_recompile(net, x):
 
 def test_targets_vmap_equals_loop(net, x):
     classes = jnp.array([[0, 3, 4], [2, 1, 1]])
-    for cls in (fc.GradCAMPlusPlus, fc.ShapleyCAM, fc.EigenGradCAM):
+    for cls in (fc.GradCAMPlusPlus, fc.ShapleyCAM):
         cam = cls(net, target_layers=["block", "layer2"])
         both = cam(x, classes)
         assert both.shape == (2, 3, 9, 11)
@@ -79,8 +79,10 @@ def test_default_target_is_argmax(net, x):
     np.testing.assert_allclose(cam(x), cam(x, top), atol=0, rtol=0)
 
 
-def test_differentiable_against_finite_differences():
-    """jax.grad of a loss on GradCAM's normalised output equals central differences (float64)."""
+@pytest.mark.parametrize("method,softmax", [("gradcam", False), ("gradcam++", True)])
+def test_differentiable_against_finite_differences(method, softmax):
+    """jax.grad of a loss on the normalised CAM equals central differences (float64); the softmax target
+    exercises the second-order term (its output cotangent depends on the input)."""
     with jax.enable_x64(True):
         k = jax.random.split(jax.random.key(0), 4)
         w1 = jax.random.normal(k[0], (3, 5), jnp.float64)
@@ -90,7 +92,8 @@ def test_differentiable_against_finite_differences():
         wloss = jax.random.normal(k[3], (2, 4, 6), jnp.float64)
 
         def loss(x):
-            return jnp.sum(fc.compute_cam(tap, x, jnp.array([1, 3]), method="gradcam").cam * wloss)
+            tgt = fc.ClassifierOutputSoftmaxTarget(jnp.array([1, 3])) if softmax else jnp.array([1, 3])
+            return jnp.sum(fc.compute_cam(tap, x, tgt, method=method).cam * wloss)
 
         g = jax.grad(loss)(x)
         d = jax.random.normal(jax.random.key(9), x.shape, jnp.float64)
@@ -162,6 +165,8 @@ def test_linen_nnx_and_function_taps_agree(x, cls):
     for other in maps[1:]:
         np.testing.assert_allclose(other, maps[0], atol=1e-6, rtol=0)
     assert float(maps[0].max()) > 0.5
+    with pytest.raises(ValueError, match=r"available paths: \['conv1', 'fc', 'layer2'\]"):
+        cls((lin, variables), target_layers=["layer3"])(x)
 
 
 def test_paths_sequential_list_and_negative_index():

@@ -90,16 +90,14 @@ def _gradients(tap: Tap, x, method: CamMethod, target, grid):
     if target is None and grid is None:
         target = (method.default_targets or _default_target)(jax.lax.stop_gradient(output))
         target, _, _ = target._broadcast(output.shape[0])
-    out_stop = jax.lax.stop_gradient(output)
-
+    # everything below stays differentiable (jax.grad of a CAM w.r.t. inputs or parameters is exact,
+    # second-order terms of non-linear targets included)
     if not method.needs_hvp:
         def grads_for(tcol):
-            ct = jax.grad(lambda o: jnp.sum(_scores(tcol, o)))(out_stop)
+            ct = jax.grad(lambda o: jnp.sum(_scores(tcol, o)))(output)
             return vjp_fn(ct)[0]
 
         return output, acts, _per_target(grads_for, target, grid), None, target
-
-    acts_stop = [jax.lax.stop_gradient(a) for a in acts]
 
     def grads_hvp_for(tcol):
         def loss(probes):
@@ -112,7 +110,7 @@ def _gradients(tap: Tap, x, method: CamMethod, target, grid):
                 probes[i] = p_i
                 return jax.grad(loss)(probes)[i]
 
-            g, h = jax.jvp(grad_i, (zeros[i],), (acts_stop[i],))
+            g, h = jax.jvp(grad_i, (zeros[i],), (acts[i],))
             gs.append(g)
             hs.append(h)
         return gs, hs
@@ -127,7 +125,6 @@ def _cam_single_view(tap, x, method, target, grid, t, eigen_smooth, key):
     b = x.shape[0]
     raws, cams = [], []
     for li, a in enumerate(acts):
-        a = jax.lax.stop_gradient(a) if grads is None else a
         g = None if grads is None else jnp.moveaxis(grads[li], 0, 1)  # (B, T, ...)
         h = None if hvps is None else jnp.moveaxis(hvps[li], 0, 1)
         keys = None
