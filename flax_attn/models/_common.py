@@ -143,8 +143,8 @@ class MaxPool2d(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         k, s, p = self.kernel_size, self.stride, self.padding
-        init = jnp.array(-jnp.inf, x.dtype)
-        return jax.lax.reduce_window(x, init, jax.lax.max, (1, k, k, 1), (1, s, s, 1),
+        # a Python -inf init lets JAX recognise max-pooling (differentiable); pads are -inf like torch
+        return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, k, k, 1), (1, s, s, 1),
                                      ((0, 0), (p, p), (p, p), (0, 0)))
 
 
