@@ -55,7 +55,9 @@ def create_model(name: str, *, rngs: nnx.Rngs | None = None, jit: bool = True, *
 
     Common keywords: ``num_classes``, ``in_chans``, ``dtype``, ``param_dtype``, ``rngs`` (default
     ``nnx.Rngs(0)``; its ``dropout`` stream, or ``default``, drives dropout / stochastic depth in training
-    mode). ResNets also take ``attn``, ``attn_kwargs``, ``width``, ``stem``, ``zero_init_residual``;
+    mode). ``jit=True`` (default) runs the constructor under :func:`flax.nnx.jit`: one compiled
+    initialisation instead of one per parameter shape (the same draws, up to float rounding).
+    ResNets also take ``attn``, ``attn_kwargs``, ``width``, ``stem``, ``zero_init_residual``;
     ``se_resnet*`` / ``cbam_resnet*`` fix ``attn`` to ``"se_classic"`` / ``"cbam_official"``.
 
     Example:
