@@ -308,3 +308,15 @@ def test_overlays_batched_jitted_and_grid():
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+
+
+def test_reshape_transform_and_context_manager():
+    """Token activations (B, N, C) reshaped to (B, h, w, C) equal the same network tapped as a map."""
+    w = jax.random.normal(jax.random.key(0), (4, 3))
+    x = jax.random.normal(jax.random.key(1), (2, 3, 5, 4))
+    as_map = fc.FunctionTap(jnp.tanh, lambda a: jnp.tanh(a).mean((1, 2)) @ w)
+    as_tokens = fc.FunctionTap(lambda x: jnp.tanh(x).reshape(2, 15, 4),
+                               lambda t: jnp.tanh(t).mean(1) @ w)
+    with fc.GradCAM(as_tokens, reshape_transform=lambda t: t.reshape(t.shape[0], 3, 5, t.shape[-1])) as cam:
+        tok = cam(x, jnp.array([0, 2]))
+    np.testing.assert_allclose(tok, fc.GradCAM(as_map)(x, jnp.array([0, 2])), atol=1e-6, rtol=0)

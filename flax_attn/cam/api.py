@@ -10,6 +10,7 @@ values are traced arguments: changing them does not recompile.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import jax
@@ -43,6 +44,8 @@ class BaseCAM:
     ``"layer4.1"``, ``"features.-1"``), a ``(flax.linen.Module, variables)`` pair (module paths), a
     ``(features, head)`` pair of functions, or a :class:`~flax_attn.cam.Tap`. The model is run in eval mode
     on a copy (NNX) and is never modified. ``tap_kwargs`` go to the tap (e.g. ``apply_kwargs`` for Linen).
+    ``reshape_transform`` maps tapped activations to channels-last maps (grad-cam's option, e.g. ViT
+    tokens). ``with GradCAM(...) as cam:`` works as in grad-cam (nothing to release).
 
     Call: ``cam(input_tensor, targets=None, *, aug_smooth=False, eigen_smooth=False, return_raw=False,
     key=None)``: ``input_tensor`` channels-last ``(B, H, W, C)``; ``targets`` as in grad-cam (a list of ``B``
@@ -66,8 +69,10 @@ class BaseCAM:
 
     method_name: ClassVar[str] = ""
 
-    def __init__(self, model: Any, target_layers: Any = None, *, seed: int = 0, **tap_kwargs: Any):
+    def __init__(self, model: Any, target_layers: Any = None, *, reshape_transform: Callable | None = None,
+                 seed: int = 0, **tap_kwargs: Any):
         self.tap = make_tap(model, target_layers, **tap_kwargs)
+        self.reshape_transform = reshape_transform
         self.target_layers = self.tap.layers
         self.method: CamMethod = get_method(self.method_name)
         self.num_traces = 0
@@ -84,7 +89,7 @@ class BaseCAM:
         self.num_traces += 1
         tap = self.tap.rebuild(static, dynamic)
         res = compute_cam_normalized(tap, x, target, grid, t, has_t, method=method, eigen_smooth=eigen_smooth,
-                                     aug_smooth=aug_smooth, key=key)
+                                     aug_smooth=aug_smooth, key=key, reshape_transform=self.reshape_transform)
         return res if return_raw else res.cam
 
     def _run(self, method: CamMethod, input_tensor, targets, *, aug_smooth, eigen_smooth, return_raw, key):
@@ -111,6 +116,12 @@ class BaseCAM:
                  key: jax.Array | None = None) -> jax.Array | CamResult:
         return self._run(self.method, input_tensor, targets, aug_smooth=aug_smooth, eigen_smooth=eigen_smooth,
                          return_raw=return_raw, key=key)
+
+    def __enter__(self) -> BaseCAM:  # grad-cam's ``with GradCAM(...) as cam:``; there are no hooks to release
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(target_layers={list(self.target_layers)})"
@@ -156,8 +167,8 @@ class FinerCAM(BaseCAM):
     method_name = "gradcam"
 
     def __init__(self, model: Any, target_layers: Any = None, *, base_method: str | type[BaseCAM] = "gradcam",
-                 seed: int = 0, **tap_kwargs: Any):
-        super().__init__(model, target_layers, seed=seed, **tap_kwargs)
+                 reshape_transform: Callable | None = None, seed: int = 0, **tap_kwargs: Any):
+        super().__init__(model, target_layers, reshape_transform=reshape_transform, seed=seed, **tap_kwargs)
         self.base_method = base_method.method_name if isinstance(base_method, type) else base_method
         self._finer: dict[Any, CamMethod] = {}
 

@@ -8,6 +8,7 @@ size; layers are aggregated as grad-cam does (``scale(mean_l(max(cam_l, 0)))``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -119,8 +120,12 @@ def _gradients(tap: Tap, x, method: CamMethod, target, grid):
     return output, acts, grads, hvps, target
 
 
-def _cam_single_view(tap, x, method, target, grid, t, eigen_smooth, key):
+def _cam_single_view(tap, x, method, target, grid, t, eigen_smooth, key, reshape_transform=None):
     output, acts, grads, hvps, target = _gradients(tap, x, method, target, grid)
+    if reshape_transform is not None:  # e.g. ViT tokens (B, N, C) -> (B, h, w, C), as grad-cam's option
+        acts = [reshape_transform(a) for a in acts]
+        grads = None if grads is None else [jax.vmap(reshape_transform)(g) for g in grads]
+        hvps = None if hvps is None else [jax.vmap(reshape_transform)(h) for h in hvps]
     size = x.shape[1:-1]
     b = x.shape[0]
     raws, cams = [], []
@@ -159,6 +164,7 @@ def compute_cam(
     eigen_smooth: bool = False,
     aug_smooth: bool = False,
     key: jax.Array | None = None,
+    reshape_transform: Callable[[jax.Array], jax.Array] | None = None,
 ) -> CamResult:
     """Functional CAM: traceable, differentiable, usable inside your own ``jax.jit``/``jax.grad``.
 
@@ -174,6 +180,8 @@ def compute_cam(
         The 6 views run as ONE batch of ``6B`` images (the model runs in eval mode, so images are
         independent).
       key: PRNG key, required by random methods (RandomCAM).
+      reshape_transform: maps a tapped activation ``(B, ...)`` to channels-last maps ``(B, *spatial, C)``
+        (grad-cam's option, e.g. for transformer tokens); applied to activations and gradients alike.
 
     Returns:
       :class:`CamResult` (normalised ``cam``, per-layer ``raw`` maps, model ``output``).
@@ -194,7 +202,7 @@ def compute_cam(
         if hasattr(out_shape, "shape"):
             target.validate(tuple(out_shape.shape[1:]))
     return compute_cam_normalized(tap, x, target, grid, t, has_t, method=method, eigen_smooth=eigen_smooth,
-                                  aug_smooth=aug_smooth, key=key)
+                                  aug_smooth=aug_smooth, key=key, reshape_transform=reshape_transform)
 
 
 def _check_input(x: Any) -> jax.Array:
@@ -208,14 +216,14 @@ def _check_input(x: Any) -> jax.Array:
 
 def compute_cam_normalized(tap: Tap, x: jax.Array, target: Target | None, grid: CallableGrid | None, t: int,
                            has_t: bool, *, method: CamMethod, eigen_smooth: bool, aug_smooth: bool,
-                           key: jax.Array | None) -> CamResult:
+                           key: jax.Array | None, reshape_transform: Callable | None = None) -> CamResult:
     """:func:`compute_cam` after :func:`normalize_targets` (used by the jitted object API)."""
     b = x.shape[0]
     if method.needs_key and key is None:
         raise ValueError(f"method {method.name!r} is random: pass key=jax.random.key(...)")
 
     if not aug_smooth:
-        cam, raws, output = _cam_single_view(tap, x, method, target, grid, t, eigen_smooth, key)
+        cam, raws, output = _cam_single_view(tap, x, method, target, grid, t, eigen_smooth, key, reshape_transform)
     else:
         n = len(AUG_TRANSFORMS)
         views = [(jnp.flip(x, axis=2) if flip else x) * jnp.asarray(m, x.dtype) if m != 1.0
@@ -223,7 +231,7 @@ def compute_cam_normalized(tap: Tap, x: jax.Array, target: Target | None, grid: 
         xa = jnp.concatenate(views, axis=0)
         ta = None if target is None else jax.tree.map(lambda v: jnp.concatenate([v] * n, axis=0), target)
         ga = None if grid is None else CallableGrid(grid.rows * n, grid.has_target_axis)
-        cam, raws, output = _cam_single_view(tap, xa, method, ta, ga, t, eigen_smooth, key)
+        cam, raws, output = _cam_single_view(tap, xa, method, ta, ga, t, eigen_smooth, key, reshape_transform)
         cam = cam.reshape((n, b) + cam.shape[1:])
         cam = jnp.stack([jnp.flip(c, axis=3) if flip else c for c, (flip, _) in zip(cam, AUG_TRANSFORMS)])
         cam = jnp.mean(cam, axis=0)
