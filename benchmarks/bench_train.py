@@ -8,7 +8,11 @@ eager training step (``zero_grad``, forward, ``cross_entropy``, ``backward``, ``
 Both use float32, 3 input channels, 10 classes. The candidates are timed round-robin so that machine noise
 hits them alike; the table reports the median step time.
 
-    python benchmarks/bench_train.py [--repeats 10] [--batch 64] [--size 64]
+    python benchmarks/bench_train.py [--repeats 5] [--batch 64] [--sizes 64,96]
+
+At 64x64 the torchvision stem leaves a 2x2 map in ``layer4``, and XLA:CPU (jaxlib 0.10.2) is pathologically
+slow on a 3x3 convolution over a 2x2 map with 512 channels (about 2 s for a batch of 32, 300x the same
+product done as an im2col matmul); 96x96 (a 3x3 map in ``layer4``) is measured too, to show the cliff.
 """
 
 from __future__ import annotations
@@ -71,26 +75,28 @@ def torch_step(batch: int, size: int):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--sizes", default="64,96", help="comma-separated input sides")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    fns = {
-        "Flax (jax.jit, donated state)": flax_step(args.batch, args.size),
-        "PyTorch eager (torch_ref)": torch_step(args.batch, args.size),
-    }
-    med = interleaved_medians(fns, repeats=args.repeats, warmup=2)
     print(f"machine: {machine_description()}")
-    print(f"ResNet-18 + CBAM (official block), {args.size}x{args.size}x3, batch {args.batch}, float32, "
-          f"train step = forward + backward + SGD update; median of {args.repeats} interleaved steps\n")
-    print("| implementation | step time (ms) | images/s |")
-    print("|---|---:|---:|")
-    for name, t in med.items():
-        print(f"| {name} | {1e3 * t:.1f} | {args.batch / t:.0f} |")
-    names = list(med)
-    print(f"\nFlax / PyTorch speed: {med[names[1]] / med[names[0]]:.2f}x")
+    print(f"ResNet-18 + CBAM (official block), 3 input channels, batch {args.batch}, float32, train step = "
+          f"forward + backward + SGD update; median of {args.repeats} interleaved steps\n")
+    print("| input | implementation | step time (ms) | images/s | Flax / PyTorch |")
+    print("|---|---|---:|---:|---:|")
+    for size in (int(v) for v in args.sizes.split(",")):
+        fns = {
+            "Flax (jax.jit, donated state)": flax_step(args.batch, size),
+            "PyTorch eager (torch_ref)": torch_step(args.batch, size),
+        }
+        med = interleaved_medians(fns, repeats=args.repeats, warmup=args.warmup)
+        names = list(med)
+        for name, t in med.items():
+            ratio = f"{med[names[1]] / med[names[0]]:.2f}x" if name == names[0] else ""
+            print(f"| {size}x{size} | {name} | {1e3 * t:.1f} | {args.batch / t:.0f} | {ratio} |", flush=True)
 
 
 if __name__ == "__main__":

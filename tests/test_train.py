@@ -171,3 +171,16 @@ def test_localisation_scores():
     inside2 = cams[2, :3, :3].sum() / cams[2].sum()
     assert s["energy_in_box"] == pytest.approx((1 + 1 / 3 + inside2) / 3)
     assert s["box_area_fraction"] == pytest.approx(9 / 30)
+
+
+def test_main_job_table_lists_every_run():
+    from train.main_job import format_table
+
+    rows = [dict(model="resnet18", attn="none", val_accuracy=0.8123, pointing_game=0.9, energy_in_box=0.35,
+                 params=1234567, images_per_sec=150.4),
+            dict(model="resnet18", attn="cbam", val_accuracy=0.8, pointing_game=None, energy_in_box=None,
+                 params=1250000, images_per_sec=None)]
+    table = format_table(rows).splitlines()
+    assert table[0].startswith("| model | val accuracy | pointing game | CAM energy in box | params |")
+    assert table[2] == "| resnet18 | 0.812 | 0.900 | 0.350 | 1,234,567 | 150 |"
+    assert table[3].startswith("| resnet18 + CBAM (paper eq.") and table[3].endswith(" | 0.800 | n/a | n/a | 1,250,000 | n/a |")

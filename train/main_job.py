@@ -18,7 +18,14 @@ MAIN_JOB_CONFIG = Config(
     cluttered_val=500, num_steps=300, batch_size=32, learning_rate=0.05, warmup_steps=20, log_every=25,
     checkpoint_every=100,
 )
-MAIN_JOB_ATTNS = ("none", "se", "cbam")
+MAIN_JOB_ATTNS = ("none", "se", "cbam_official", "cbam")
+#: table names of the attention blocks (others are shown upper-cased)
+DISPLAY_NAMES = {"se": "SE", "cbam": "CBAM (paper eq.: no BN in the spatial gate)",
+                 "cbam_official": "CBAM (official code: BN in the spatial gate)"}
+
+
+def display_name(model: str, attn: str) -> str:
+    return model if attn == "none" else f"{model} + {DISPLAY_NAMES.get(attn, attn.upper())}"
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -29,7 +36,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["| model | val accuracy | pointing game | CAM energy in box | params | train images/s |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        name = r["model"] + ("" if r["attn"] == "none" else f" + {r['attn'].upper()}")
+        name = display_name(r["model"], r["attn"])
         lines.append(f"| {name} | {f(r['val_accuracy'], '.3f')} | {f(r.get('pointing_game'), '.3f')} | "
                      f"{f(r.get('energy_in_box'), '.3f')} | {r['params']:,} | {f(r['images_per_sec'], '.0f')} |")
     return "\n".join(lines)
@@ -57,8 +64,7 @@ def run_main_job(base: Config = MAIN_JOB_CONFIG, workdir: str = "runs/main",
         cam_rows = []
         for r, attn in zip(rows, attns):
             z = np.load(os.path.join(workdir, attn, "cams.npz"))
-            name = r["model"] + ("" if attn == "none" else f"+{attn.upper()}")
-            cam_rows.append((name, z["cam_pred"][:k], z["pred"][:k]))
+            cam_rows.append((attn if attn != "none" else r["model"], z["cam_pred"][:k], z["pred"][:k]))
         figure = save_cam_grid(os.path.join(workdir, "cam_comparison.png"), cam_rows, val.images[:k],
                                val.labels[:k], val.class_names, None if val.boxes is None else val.boxes[:k])
     table = format_table(rows)
