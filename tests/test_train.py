@@ -184,3 +184,35 @@ def test_main_job_table_lists_every_run():
     assert table[0].startswith("| model | val accuracy | pointing game | CAM energy in box | params |")
     assert table[2] == "| resnet18 | 0.812 | 0.900 | 0.350 | 1,234,567 | 150 |"
     assert table[3].startswith("| resnet18 + CBAM (paper eq.") and table[3].endswith(" | 0.800 | n/a | n/a | 1,250,000 | n/a |")
+
+
+def test_schedules_and_weight_decay_mask():
+    from flax import nnx
+
+    from train.models import build_model
+    from train.train import decay_mask, learning_rate_schedule
+
+    step = learning_rate_schedule(Config(num_steps=100, warmup_steps=10, learning_rate=0.1, schedule="step",
+                                         step_milestones=(0.5, 0.75)))
+    for t, want in ((0, 0.0), (5, 0.05), (10, 0.1), (49, 0.1), (50, 0.01), (74, 0.01), (75, 0.001), (99, 0.001)):
+        assert float(step(t)) == pytest.approx(want, rel=1e-5, abs=1e-8), t
+    cos = learning_rate_schedule(Config(num_steps=100, warmup_steps=10, learning_rate=0.1))
+    assert float(cos(10)) == pytest.approx(0.1) and float(cos(55)) == pytest.approx(0.05, rel=1e-4)
+    assert float(cos(100)) == pytest.approx(0.0, abs=1e-7)
+
+    model = nnx.eval_shape(lambda: build_model(TINY.replace(attn="cbam_official"), num_classes=10, in_chans=1,
+                                               rngs=nnx.Rngs(0)))
+    mask = decay_mask(nnx.state(model, nnx.Param))
+    flat = {jax.tree_util.keystr(p).removesuffix('.value'): m for p, m in jax.tree.leaves_with_path(mask)}
+    decayed = sorted(k for k, m in flat.items() if m)
+    assert decayed and all(k.endswith("['kernel']") for k in decayed)  # convs, fc, attention MLPs
+    assert not any(m for k, m in flat.items() if k.endswith("['scale']") or k.endswith("['bias']"))
+    assert any("bn" in k and k.endswith("['scale']") for k in flat)  # BatchNorm params exist and are skipped
+
+
+def test_bfloat16_compute_keeps_float32_parameters(tmp_path):
+    cfg = TINY.replace(num_steps=3, checkpoint_every=0, compute_dtype="bfloat16")
+    train_and_evaluate(cfg, str(tmp_path))
+    restored = _restore_raw(tmp_path, 3)
+    assert {x.dtype for x in jax.tree.leaves(restored["params"])} == {np.dtype("float32")}
+    assert all(np.isfinite(r["loss"]) for r in _records(tmp_path))
