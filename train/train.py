@@ -297,7 +297,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
     check_config(config)
     os.makedirs(workdir, exist_ok=True)
     config_path = os.path.join(workdir, "config.json")
-    if os.path.isfile(config_path):
+    if jax.process_index() == 0 and os.path.isfile(config_path):
         with open(config_path) as f:
             old = json.load(f)
         changed = sorted(k for k, v in config.to_dict().items() if old.get(k) != v)
