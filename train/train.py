@@ -245,8 +245,15 @@ class MetricsWriter:
 def _last_summary(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         return {}
+    summaries = []
     with open(path) as f:
-        summaries = [r for r in map(json.loads, f) if r.get("split") == "summary"]
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line being appended by another process
+                continue
+            if record.get("split") == "summary":
+                summaries.append(record)
     return summaries[-1] if summaries else {}
 
 
