@@ -132,8 +132,7 @@ def test_method_matches_gradcam(pair, images, signed_svd, method, layers):
     assert float(np.asarray(ours.cam).max()) > 0.5  # a real map, not a degenerate constant
 
 
-@pytest.mark.parametrize("method", ["gradcam", "hirescam", "gradcamelementwise", "gradcam++", "xgradcam",
-                                    "layercam"])
+@pytest.mark.parametrize("method", ["gradcam++", "gradcamelementwise"])  # channel-weight and element-wise paths
 def test_eigen_smooth_matches_gradcam(pair, images, signed_svd, method):
     tm, fm = pair
     layers = ("layer2", "layer3")
@@ -152,7 +151,7 @@ def test_eigen_projection_matches_numpy_up_to_sign(pair, images, method):
         assert rel(o, s * r) <= 1e-5
 
 
-@pytest.mark.parametrize("method", ["gradcam", "eigencam"])
+@pytest.mark.parametrize("method", ["gradcam"])
 def test_aug_smooth_matches_gradcam(pair, images, signed_svd, method):
     """grad-cam's 6 views (flip x {0.9, 1, 1.1}); with targets=None the arg-max class is taken per view."""
     tm, fm = pair
@@ -180,8 +179,8 @@ def _target_cases():
     }
 
 
-@pytest.mark.parametrize("method", ["gradcam", "shapleycam"])
-@pytest.mark.parametrize("kind", ["logit", "softmax", "rest", "finer", "callable"])
+@pytest.mark.parametrize("method,kind", [("gradcam", k) for k in ("logit", "softmax", "rest", "finer", "callable")]
+                         + [("shapleycam", "softmax"), ("shapleycam", "rest")])
 def test_targets_match_gradcam(pair, images, kind, method):
     tm, fm = pair
     gc_t, our_t = _target_cases()[kind]
@@ -228,8 +227,8 @@ def test_2d_targets_equal_gradcam_per_target(pair, images, signed_svd, method):
             assert rel(r_ours[:, t], r_ref) <= 1e-5
 
 
-@pytest.mark.parametrize("kw", [{}, {"alpha": 0.6, "comparison_categories": [1, 2]}, {"target_idx": 3}],
-                         ids=["default", "alpha", "target_idx"])
+@pytest.mark.parametrize("kw", [{}, {"alpha": 0.6, "comparison_categories": [1, 2], "target_idx": 3}],
+                         ids=["default", "options"])
 def test_finercam_matches_gradcam(pair, images, kw):
     tm, fm = pair
     ref, raws = run_gradcam(pgc.FinerCAM, tm, ("layer2", "layer3"), images, None, **kw)
