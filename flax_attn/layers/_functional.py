@@ -7,6 +7,7 @@ written once, here, so the two APIs cannot drift apart.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -187,6 +188,45 @@ def normalize_pool_types(pool_types: str | Sequence[str], argname: str = "pool_t
     return tuple(out)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _max_last(x: Array, n_reduced: int) -> Array:
+    """Max over the last ``n_reduced`` axes; its derivative is routed to one arg-max element."""
+    return jnp.max(x, axis=tuple(range(x.ndim - n_reduced, x.ndim)))
+
+
+@_max_last.defjvp
+def _max_last_jvp(n_reduced: int, primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, Array]:
+    (x,), (t,) = primals, tangents
+    lead = x.shape[: x.ndim - n_reduced]
+    idx = jnp.argmax(x.reshape(lead + (-1,)), axis=-1, keepdims=True)
+    out = jnp.take_along_axis(x.reshape(lead + (-1,)), idx, axis=-1)[..., 0]
+    return out, jnp.take_along_axis(t.reshape(lead + (-1,)), idx, axis=-1)[..., 0]
+
+
+def _max_reduce(x: Array, axis: int | tuple[int, ...], scale: Array | None = None, keepdims: bool = False) -> Array:
+    """``max(x * scale)`` over ``axis``, differentiated like ``torch.max(dim)``/``F.max_pool2d``: the
+    gradient goes to one arg-max element.
+
+    Why not ``jnp.max``: its derivative is the mask ``operand == max``, and under ``jax.jit`` XLA:CPU may
+    recompute the operand (say the BatchNorm output feeding the block) in another fusion with different
+    rounding, so the mask misses the maximum and the gradient silently becomes zero (seen in a jitted
+    CBAM-ResNet-18 training step: 10-20 % gradient error; optimisation barriers do not help, XLA:CPU expands
+    them before fusion). The arg-max is computed once and its element is gathered, so value and gradient
+    cannot disagree. Without differentiation the forward pass is a plain fast ``jnp.max``; the arg-max is
+    paid only under ``jax.grad``/``jax.jvp``. Ties (measure zero for real inputs) go to the first index, as
+    in PyTorch's ``max(dim)``; ``torch.amax`` would split them.
+    """
+    if scale is not None:
+        x = x * scale
+    axes = tuple(a % x.ndim for a in ((axis,) if isinstance(axis, int) else axis))
+    rest = tuple(d for d in range(x.ndim) if d not in axes)
+    moved = jnp.transpose(x, rest + axes) if rest + axes != tuple(range(x.ndim)) else x
+    out = _max_last(moved, len(axes))
+    if keepdims:
+        out = jnp.expand_dims(out, axes)
+    return out
+
+
 def global_pool(x: Array, kind: str, scale: Array | None = None) -> Array:
     """Global pooling over the spatial axes of a channels-last map: ``(N, *spatial, C) -> (N, C)``.
 
@@ -203,11 +243,12 @@ def global_pool(x: Array, kind: str, scale: Array | None = None) -> Array:
             n = math.prod(x.shape[a] for a in axes)
             flat = x.reshape(x.shape[0], -1, x.shape[-1])
             return jnp.einsum("npc,np->nc", flat, scale.reshape(x.shape[0], -1)) / n
+    if kind == "max":
+        return _max_reduce(x, axes, scale)
+    if scale is not None:
         x = x * scale
     if kind == "avg":
         return jnp.mean(x, axis=axes)
-    if kind == "max":
-        return jnp.max(x, axis=axes)
     if kind == "lp":
         n = math.prod(x.shape[a] for a in axes)
         return jnp.sqrt(jnp.mean(jnp.square(x), axis=axes) * n)
@@ -251,6 +292,8 @@ def channel_compress(x: Array, order: Sequence[str], fusion: str = "concat", sca
     this is what keeps CBAM's forward pass near its memory-bandwidth floor.
     """
     def pooled(kind: str) -> Array:
+        if kind == "max":
+            return _max_reduce(x, -1, scale, keepdims=True)
         if scale is None:
             xs = x
         elif kind == "mean":
@@ -259,8 +302,6 @@ def channel_compress(x: Array, order: Sequence[str], fusion: str = "concat", sca
             return (jnp.einsum("npc,nc->np", flat, s) / x.shape[-1]).reshape(x.shape[:-1] + (1,))
         else:
             xs = x * scale
-        if kind == "max":
-            return jnp.max(xs, axis=-1, keepdims=True)
         return jnp.mean(xs, axis=-1, keepdims=True)
 
     maps = [pooled(k) for k in order]
