@@ -259,3 +259,31 @@ def test_dropout_follows_train_eval():
     model.set_attributes(use_running_average=True)  # isolate dropout: BatchNorm on running statistics
     c, d = forward(model, x), forward(model, x)
     assert float(jnp.abs(c - d).max()) > 1e-3 * float(jnp.abs(c).max())  # a fresh dropout mask per call
+
+
+@pytest.mark.parametrize("h,w,k,stride,dil,pad", [(2, 2, 3, 1, 1, 1), (1, 3, 3, 1, 1, 1), (2, 5, 5, 2, 1, 2),
+                                                  (3, 2, 3, 2, 2, 2), (1, 1, 7, 1, 1, 3), (9, 9, 3, 1, 1, 1)])
+def test_small_map_conv_equals_lax_conv(h, w, k, stride, dil, pad):
+    """The im2col path taken for maps smaller than the kernel (an XLA:CPU performance cliff) computes the
+    same convolution as lax, values and gradients; larger maps go to lax unchanged."""
+    from jax import lax
+
+    from flax_attn.models._common import _small_map_conv
+
+    rng = np.random.RandomState(0)
+    x = jnp.asarray(rng.randn(2, h, w, 4).astype(np.float32))
+    kern = jnp.asarray(rng.randn(k, k, 4, 6).astype(np.float32))
+    dn = lax.conv_dimension_numbers(x.shape, kern.shape, ("NHWC", "HWIO", "NHWC"))
+    kw = dict(rhs_dilation=(dil, dil), dimension_numbers=dn, precision=lax.Precision.HIGHEST)
+
+    def run(fn, x, kern):
+        return fn(x, kern, (stride, stride), ((pad, pad), (pad, pad)), **kw)
+
+    ref = run(lax.conv_general_dilated, x, kern)
+    out = run(_small_map_conv, x, kern)
+    assert out.shape == ref.shape
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    g_ref = jax.grad(lambda a, b: jnp.sum(run(lax.conv_general_dilated, a, b) ** 2), argnums=(0, 1))(x, kern)
+    g_out = jax.grad(lambda a, b: jnp.sum(run(_small_map_conv, a, b) ** 2), argnums=(0, 1))(x, kern)
+    for a, b in zip(g_out, g_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
