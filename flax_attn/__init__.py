@@ -28,3 +28,8 @@ __all__ = [
     "make_divisible",
     "register_attn",
 ]
+
+# Sub-packages, importable as attributes (``flax_attn.cam.GradCAM``); none of them imports torch.
+from flax_attn import cam, convert, layers, linen, models  # noqa: E402
+
+__all__ += ["cam", "convert", "layers", "linen", "models"]
