@@ -1,7 +1,6 @@
 """Forward throughput (images/s) of Flax backbones vs their torchvision twins, same weights, same batch.
 
     python benchmarks/bench_models.py                 # ResNet-50, MobileNetV3-Large, CBAM-ResNet-50
-    python benchmarks/bench_models.py --write         # also writes benchmarks/results/models.md
 
 Batch 8 at 224x224 in eval mode (inference), float32. Flax: ``nnx.jit`` of ``model(x)`` on NHWC input
 (the graph is split once outside the timed loop, as a serving loop would); torch: ``torch.inference_mode``
@@ -80,7 +79,6 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--write", action="store_true", help="write benchmarks/results/models.md")
     args = ap.parse_args()
     rows, _ = bench(args.models, args.batch, args.size, args.repeats)
     header = ["model", "Flax img/s", "torch img/s", "Flax/torch", "jit compile s", "logits rel. err"]
@@ -90,11 +88,6 @@ def main() -> None:
             f"Eval mode, float32, batch {args.batch}, {args.size}x{args.size}, median of {args.repeats} "
             f"round-robin runs; same weights on both sides (logits rel. err. is Flax vs torch).\n\n{table}\n")
     print(text)
-    if args.write:
-        out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "models.md")
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        with open(out, "w") as f:
-            f.write(text)
 
 
 if __name__ == "__main__":
