@@ -356,6 +356,25 @@ def unbiased(var: Array, n: int) -> Array:
     return var * (n / (n - 1)) if n > 1 else var
 
 
+def train_statistics(x: Array) -> tuple[Array, Array, int]:
+    """Training-mode batch moments (see :func:`batch_moments`); like PyTorch, refuses 1 value per channel."""
+    mean, var, n = batch_moments(x)
+    if n < 2:
+        raise ValueError(
+            f"BatchNorm in training mode needs more than 1 value per channel, got input shape "
+            f"{tuple(x.shape)} (PyTorch raises here too)"
+        )
+    return mean, var, n
+
+
+def updated_running_stats(
+    running_mean: Array, running_var: Array, mean: Array, var: Array, n: int, momentum: float
+) -> tuple[Array, Array]:
+    """New running statistics after a training step, as PyTorch computes them (unbiased variance)."""
+    return (jax.lax.stop_gradient(running_update(running_mean, mean, momentum)),
+            jax.lax.stop_gradient(running_update(running_var, unbiased(var, n), momentum)))
+
+
 def normalize(x: Array, mean: Array, var: Array, scale: Array | None, bias: Array | None, eps: float) -> Array:
     y = (x - mean) * jax.lax.rsqrt(var + eps)
     if scale is not None:

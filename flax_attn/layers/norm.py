@@ -80,16 +80,9 @@ class BatchNorm(nnx.Module):
         if use_ra:
             mean, var = self.mean[...], self.var[...]
         else:
-            mean, var, n = F.batch_moments(x)
-            if n < 2:
-                raise ValueError(
-                    f"BatchNorm in training mode needs more than 1 value per channel, got input shape "
-                    f"{tuple(x.shape)} (PyTorch raises here too)"
-                )
-            self.mean[...] = jax.lax.stop_gradient(F.running_update(self.mean[...], mean, self.momentum))
-            self.var[...] = jax.lax.stop_gradient(
-                F.running_update(self.var[...], F.unbiased(var, n), self.momentum)
-            )
+            mean, var, n = F.train_statistics(x)
+            self.mean[...], self.var[...] = F.updated_running_stats(
+                self.mean[...], self.var[...], mean, var, n, self.momentum)
             self.num_batches_tracked[...] = self.num_batches_tracked[...] + 1
         scale = self.scale[...].astype(dtype) if self.scale is not None else None
         bias = self.bias[...].astype(dtype) if self.bias is not None else None

@@ -69,15 +69,10 @@ class BatchNorm(nn.Module):
         if use_ra:
             mean, var = ra_mean.value, ra_var.value
         else:
-            mean, var, n = F.batch_moments(x)
-            if n < 2:
-                raise ValueError(
-                    f"BatchNorm in training mode needs more than 1 value per channel, got input shape "
-                    f"{tuple(x.shape)} (PyTorch raises here too)"
-                )
+            mean, var, n = F.train_statistics(x)
             if not self.is_initializing():
-                ra_mean.value = jax.lax.stop_gradient(F.running_update(ra_mean.value, mean, self.momentum))
-                ra_var.value = jax.lax.stop_gradient(F.running_update(ra_var.value, F.unbiased(var, n), self.momentum))
+                ra_mean.value, ra_var.value = F.updated_running_stats(
+                    ra_mean.value, ra_var.value, mean, var, n, self.momentum)
                 nbt.value = nbt.value + 1
         scale = scale.astype(dtype) if scale is not None else None
         bias = bias.astype(dtype) if bias is not None else None
