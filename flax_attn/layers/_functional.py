@@ -257,6 +257,53 @@ def global_pool(x: Array, kind: str, scale: Array | None = None) -> Array:
     raise ValueError(f"unknown pool type {kind!r}: expected one of {POOL_TYPES}")
 
 
+def channel_logits(
+    x: Array,
+    pool_types: Sequence[str],
+    pool_fusion: str,
+    mlp: Callable[[Array], Array],
+    scale: Array | None = None,
+) -> Array:
+    """CBAM's channel logits ``sum_p mlp(pool_p(x))`` (``pool_fusion="sum"``) or ``mlp(mean_p pool_p(x))``
+    (``"mean"``), shape ``(N, C)``; the pools run through the shared ``mlp`` in one stacked call.
+
+    ``scale`` pools ``x * scale`` without forming it (see :func:`global_pool`).
+    """
+    pooled = [global_pool(x, p, scale) for p in pool_types]
+    if pool_fusion == "mean" and len(pooled) > 1:
+        pooled = [sum(pooled[1:], pooled[0]) / len(pooled)]
+    z = mlp(jnp.stack(pooled, axis=0))  # (P, N, C)
+    return jnp.sum(z, axis=0) if z.shape[0] > 1 else z[0]
+
+
+def apply_arrangement(
+    x: Array,
+    arrangement: str,
+    channel_map: Callable[..., Array],
+    spatial_map: Callable[..., Array],
+) -> Array:
+    """Combines CBAM's two attention maps; ``channel_map(x, scale=None)`` / ``spatial_map(x, scale=None)``.
+
+    The sequential arrangements never materialise the intermediate ``x * M(x)``: the second map pools ``x``
+    with the first applied on the fly, and the output is formed once (same numbers as ``spatial(channel(x))``
+    up to float rounding; one fewer read and write of the feature map).
+    """
+    if arrangement == "channel_first":
+        mc = channel_map(x)
+        ms = spatial_map(x, scale=mc)
+        return (x.astype(mc.dtype) * mc) * ms
+    if arrangement == "spatial_first":
+        ms = spatial_map(x)
+        mc = channel_map(x, scale=ms)
+        return (x.astype(ms.dtype) * ms) * mc
+    mc = channel_map(x)
+    ms = spatial_map(x)
+    x = x.astype(mc.dtype)
+    if arrangement == "parallel":
+        return x * mc * ms
+    return x * mc + x * ms
+
+
 # --------------------------------------------------------------------------------------------------
 # spatial compression: (N, *spatial, C) -> (N, *spatial, K)
 # --------------------------------------------------------------------------------------------------

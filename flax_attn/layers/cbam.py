@@ -98,20 +98,4 @@ class CBAM(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.spatial is None:
             return self.channel(x)
-        # The sequential arrangements never materialise the intermediate x * M(x): the second module
-        # pools x with the first map applied on the fly, and the output is formed once. Same numbers as
-        # spatial(channel(x)) up to float rounding; one fewer read and write of the feature map.
-        if self.arrangement == "channel_first":
-            mc = self.channel.attention_map(x)
-            ms = self.spatial.attention_map(x, scale=mc)
-            return (x.astype(mc.dtype) * mc) * ms
-        if self.arrangement == "spatial_first":
-            ms = self.spatial.attention_map(x)
-            mc = self.channel.attention_map(x, scale=ms)
-            return (x.astype(ms.dtype) * ms) * mc
-        mc = self.channel.attention_map(x)
-        ms = self.spatial.attention_map(x)
-        x = x.astype(mc.dtype)
-        if self.arrangement == "parallel":
-            return x * mc * ms
-        return x * mc + x * ms
+        return F.apply_arrangement(x, self.arrangement, self.channel.attention_map, self.spatial.attention_map)

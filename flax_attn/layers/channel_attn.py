@@ -98,12 +98,8 @@ class ChannelAttention(nnx.Module):
     def logits(self, x: jax.Array, scale: jax.Array | None = None) -> jax.Array:
         """Pre-gate channel logits, shape ``(N, C)``, of ``x`` (or of ``x * scale`` without forming it)."""
         F.check_input(x, self.channels, self._name())
-        pooled = [F.global_pool(x, p, scale) for p in self.pool_types]
-        if self.pool_fusion == "mean" and len(pooled) > 1:
-            pooled = [sum(pooled[1:], pooled[0]) / len(pooled)]
-        stacked = jnp.stack(pooled, axis=0)  # (P, N, C): one MLP call for all pools
-        z = self.fc2(self.act(self.fc1(stacked)))
-        return jnp.sum(z, axis=0) if z.shape[0] > 1 else z[0]
+        return F.channel_logits(x, self.pool_types, self.pool_fusion,
+                                lambda z: self.fc2(self.act(self.fc1(z))), scale)
 
     def attention_map(self, x: jax.Array, scale: jax.Array | None = None) -> jax.Array:
         """The channel attention ``M_c(x)``, broadcastable to ``x``: shape ``(N, 1, ..., 1, C)``.

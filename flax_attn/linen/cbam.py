@@ -90,18 +90,6 @@ class CBAM(nn.Module):
     def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
         if self.no_spatial:
             return self.channel(x)
-        # as the NNX block: the second module pools x with the first map applied on the fly
-        if self.arrangement == "channel_first":
-            mc = self.channel.attention_map(x)
-            ms = self.spatial.attention_map(x, train, scale=mc)
-            return (x.astype(mc.dtype) * mc) * ms
-        if self.arrangement == "spatial_first":
-            ms = self.spatial.attention_map(x, train)
-            mc = self.channel.attention_map(x, scale=ms)
-            return (x.astype(ms.dtype) * ms) * mc
-        mc = self.channel.attention_map(x)
-        ms = self.spatial.attention_map(x, train)
-        x = x.astype(mc.dtype)
-        if self.arrangement == "parallel":
-            return x * mc * ms
-        return x * mc + x * ms
+        return F.apply_arrangement(
+            x, self.arrangement, self.channel.attention_map,
+            lambda x, scale=None: self.spatial.attention_map(x, train, scale=scale))

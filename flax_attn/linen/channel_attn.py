@@ -76,12 +76,8 @@ class ChannelAttention(nn.Module):
         """Pre-gate channel logits, shape ``(N, C)``, of ``x`` (or of ``x * scale`` without forming it)."""
         F.check_input(x, self.channels, f"{type(self).__name__}({self.channels})")
         act = F.resolve_activation(self.act)
-        pooled = [F.global_pool(x, p, scale) for p in F.normalize_pool_types(self.pool_types)]
-        if self.pool_fusion == "mean" and len(pooled) > 1:
-            pooled = [sum(pooled[1:], pooled[0]) / len(pooled)]
-        stacked = jnp.stack(pooled, axis=0)  # (P, N, C): one MLP call for all pools, as the NNX block
-        z = self.fc2(act(self.fc1(stacked)))
-        return jnp.sum(z, axis=0) if z.shape[0] > 1 else z[0]
+        return F.channel_logits(x, F.normalize_pool_types(self.pool_types), self.pool_fusion,
+                                lambda z: self.fc2(act(self.fc1(z))), scale)
 
     def attention_map(self, x: jax.Array, scale: jax.Array | None = None) -> jax.Array:
         """The channel attention ``M_c(x)``, broadcastable to ``x``: shape ``(N, 1, ..., 1, C)``.
