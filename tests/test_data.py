@@ -1,11 +1,13 @@
 """Datasets of the training application: determinism, the fixed split, cluttered-digit boxes, image folders."""
 
+import logging
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from train.config import Config
-from train.data import batch_indices, load_dataset, make_cluttered_digits
+from train.data import DataError, batch_indices, check_folder, load_dataset, make_cluttered_digits
 
 
 def _digits(n=30, seed=0):
@@ -114,3 +116,79 @@ def test_image_folder_errors(tmp_path):
         load_dataset(Config(dataset="folder", data_dir=str(tmp_path)))
     with pytest.raises(ValueError, match="needs data_dir"):
         Config(dataset="folder")
+
+
+def test_empty_class_folder_is_refused_or_dropped(tmp_path):
+    _write_folder(tmp_path)
+    (tmp_path / "zebra").mkdir()  # no image at all: would be a class no example teaches
+    (tmp_path / "yak").mkdir()
+    (tmp_path / "yak" / "only.png").write_bytes(b"broken")  # image files, none readable
+    cfg = Config(dataset="folder", data_dir=str(tmp_path), image_size=8)
+    with pytest.raises(DataError, match=r"class folder\(s\) \['zebra'\] hold no image files.*--drop_empty_classes"):
+        load_dataset(cfg)
+    (tmp_path / "zebra" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match="zebra"):
+        check_folder(str(tmp_path))
+    (tmp_path / "zebra" / "notes.txt").unlink()
+    (tmp_path / "zebra").rmdir()
+    with pytest.raises(DataError, match=r"\['yak'\] hold no readable image"):
+        load_dataset(cfg)
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # on the logger itself: the CLI may have turned its propagation off
+    logging.getLogger("train").addHandler(handler)
+    try:
+        (tmp_path / "zebra").mkdir()
+        tr, va = load_dataset(cfg.replace(drop_empty_classes=True))
+    finally:
+        logging.getLogger("train").removeHandler(handler)
+    assert tr.class_names == ("cat", "dog") and set(tr.labels) | set(va.labels) == {0, 1}
+    assert any("dropped class folder(s) without a readable image: ['yak', 'zebra']" in r.getMessage()
+               for r in records)
+
+
+def test_two_class_folders_one_empty_is_not_a_one_class_problem(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((6, 6), 10 * i, np.uint8)).save(tmp_path / "a" / f"{i}.png")
+    for drop in (False, True):
+        with pytest.raises(DataError, match="need at least 2|hold no image files"):
+            load_dataset(Config(dataset="folder", data_dir=str(tmp_path), image_size=8, drop_empty_classes=drop))
+
+
+def test_16_bit_png_is_scaled_by_its_bit_depth(tmp_path):
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(2):
+            arr = rng.integers(0, 65536, size=(12, 12), dtype=np.uint16)  # mean 0.5 of full scale
+            Image.fromarray(arr).save(tmp_path / c / f"{i}.png")
+    with Image.open(tmp_path / "a" / "0.png") as im:
+        assert im.mode == "I;16"  # a real 16-bit PNG
+    expected = np.stack([np.asarray(Image.open(tmp_path / c / f"{i}.png"), np.float64) / 65535
+                         for c in ("a", "b") for i in range(2)])
+    for chans in (1, 3):
+        tr, va = load_dataset(Config(dataset="folder", data_dir=str(tmp_path), image_size=12, in_chans=chans,
+                                     val_fraction=0.25))
+        images = np.concatenate([tr.images, va.images])
+        assert images.shape[1:] == (12, 12, chans)
+        np.testing.assert_allclose(np.sort(images[..., 0].mean(axis=(1, 2))),
+                                   np.sort(expected.mean(axis=(1, 2))), atol=1e-6)
+        assert 0.4 < images.mean() < 0.6 and images.max() <= 1.0
+
+
+def test_config_rejects_bad_numbers_and_types():
+    for kwargs, message in ((dict(learning_rate=float("nan")), "learning_rate must be a finite number >= 0"),
+                            (dict(learning_rate=-1.0), "learning_rate must be a finite number >= 0"),
+                            (dict(grad_clip_norm=float("inf")), "grad_clip_norm must be a finite"),
+                            (dict(momentum=1.0), "momentum must be in"),
+                            (dict(label_smoothing=float("nan")), "label_smoothing must be in"),
+                            (dict(step_milestones=(0.5, float("nan"))), "step_milestones must be fractions"),
+                            (dict(step_factor=float("nan")), "step_factor must be a finite number > 0")):
+        with pytest.raises(ValueError, match=message):
+            Config(**kwargs)
+    with pytest.raises(TypeError, match="width must be int, got '16'"):
+        Config(width="16")
+    with pytest.raises(TypeError, match="progress must be bool"):
+        Config(progress=1)

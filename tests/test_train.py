@@ -4,19 +4,28 @@ Every run here is tiny (8x8 digits, a ResNet of width 4, a few dozen steps) so t
 a minute of CPU time; the multi-device comparison lives in test_train_sharding.py.
 """
 
+import hashlib
 import json
+import logging
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+import train.checkpoints as ckpt_lib
 import train.data as data_lib
-from train import Config, NonFiniteLossError, train_and_evaluate
+from train import CheckpointError, Config, NonFiniteLossError, ResumeError, train_and_evaluate
 from train.__main__ import main as cli_main
 from train.cam import localisation_scores
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = Config(model="resnet10", width=4, batch_size=32, num_steps=12, log_every=1, checkpoint_every=4,
               warmup_steps=2, learning_rate=0.1, progress=False, cam_images=0)
 
@@ -44,41 +53,210 @@ def test_loss_decreases_and_model_learns(tmp_path):
     assert os.listdir(tmp_path / "checkpoints") == ["40"]  # checkpoint_every=0: the final one only
 
 
-def test_kill_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
-    full = str(tmp_path / "full")
-    train_and_evaluate(TINY, full)
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One uninterrupted TINY run (checkpoints 4, 8, 12), shared read-only: tests copy it before touching it."""
+    workdir = str(tmp_path_factory.mktemp("finished") / "run")
+    train_and_evaluate(TINY, workdir)
+    return workdir
 
-    # interrupted between the checkpoints of steps 4 and 8, as if the process were killed after step 6
-    real_batches = data_lib.device_batches
 
-    def dying_batches(*args, **kwargs):
-        for item in real_batches(*args, **kwargs):
-            if item[0] == 6:
-                raise KeyboardInterrupt("simulated kill")
-            yield item
+@pytest.fixture
+def train_log():
+    """The records of the ``train`` logger (whatever handlers the CLI installed on it)."""
+    records = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    logger = logging.getLogger("train")
+    logger.addHandler(handler)
+    old = logger.level
+    logger.setLevel(logging.INFO)
+    yield records
+    logger.removeHandler(handler)
+    logger.setLevel(old)
 
-    part = str(tmp_path / "part")
-    monkeypatch.setattr(data_lib, "device_batches", dying_batches)
-    with pytest.raises(KeyboardInterrupt):
-        train_and_evaluate(TINY, part)
-    monkeypatch.setattr(data_lib, "device_batches", real_batches)
-    ckpt_dir = os.path.join(part, "checkpoints")
-    assert sorted(os.listdir(ckpt_dir)) == ["4"]
-    # a half-written checkpoint (orbax writes into a temporary folder, renamed when complete) is ignored
-    os.makedirs(os.path.join(ckpt_dir, "8.orbax-checkpoint-tmp", "default"))
-    summary = train_and_evaluate(TINY, part)
-    assert summary["resumed_from"] == 4
 
-    a, b = _restore_raw(full, 12), _restore_raw(part, 12)
+def _messages(records, level=logging.WARNING):
+    return "\n".join(r.getMessage() for r in records if r.levelno >= level)
+
+
+def _copy(run, dest):
+    shutil.copytree(run, dest)
+    return str(dest)
+
+
+def _hashes(root):
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for n in names:
+            p = os.path.join(dirpath, n)
+            with open(p, "rb") as f:
+                out[os.path.relpath(p, root)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def _assert_same_state(a, b):
     flat_a, flat_b = jax.tree.leaves_with_path(a), jax.tree.leaves_with_path(b)
     assert [p for p, _ in flat_a] == [p for p, _ in flat_b] and len(flat_a) > 10
     for (path, x), (_, y) in zip(flat_a, flat_b):
         np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
-    losses_full = {r["step"]: r["loss"] for r in _records(full)}
-    losses_part = {r["step"]: r["loss"] for r in _records(part)}
-    assert all(losses_part[s] == losses_full[s] for s in range(5, 13))
-    # the kept checkpoints are the last keep_checkpoints ones
-    assert sorted(int(s) for s in os.listdir(os.path.join(full, "checkpoints"))) == [4, 8, 12]
+
+
+_KILL_SCRIPT = """
+import json, sys, time
+sys.path.insert(0, {root!r})
+import train.data as data_lib
+real = data_lib.device_batches
+
+def slow(*args, **kwargs):  # a step every 0.25 s, so that the kill lands mid-run
+    for item in real(*args, **kwargs):
+        time.sleep(0.25)
+        yield item
+
+data_lib.device_batches = slow
+from train import Config, train_and_evaluate
+train_and_evaluate(Config.from_dict(json.loads(sys.argv[1])), sys.argv[2])
+"""
+
+
+def test_sigkill_and_resume_equals_uninterrupted(tmp_path, finished_run, train_log):
+    """A real process killed with SIGKILL mid-run (after checkpoint 4, before 8), then resumed, reaches the
+    uninterrupted run's state bit for bit, and metrics.jsonl holds each step once."""
+    script = tmp_path / "kill_me.py"
+    script.write_text(_KILL_SCRIPT.format(root=ROOT))
+    part = str(tmp_path / "part")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest", PYTHONPATH=ROOT)
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.Popen([sys.executable, str(script), TINY.to_json(), part], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    sums = os.path.join(part, "checkpoints", "4", "SHA256SUMS.json")
+    deadline = time.monotonic() + 300
+    while not os.path.isfile(sums) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, err.decode()[-3000:]
+    assert sorted(os.listdir(os.path.join(part, "checkpoints"))) == ["4"]
+    logged = [r["step"] for r in _records(part)]
+    assert logged and logged[-1] > 4  # steps after the checkpoint were logged: the resume must drop them
+    # a half-written checkpoint (orbax writes into a temporary folder, renamed when complete) is ignored
+    os.makedirs(os.path.join(part, "checkpoints", "8.orbax-checkpoint-tmp", "default"))
+
+    summary = train_and_evaluate(TINY, part)
+    assert summary["resumed_from"] == 4 and summary["steps"] == 12
+    assert "restored without verifying" not in _messages(train_log)  # checkpoint 4 had its checksum
+    _assert_same_state(_restore_raw(finished_run, 12), _restore_raw(part, 12))
+    records = _records(part)
+    assert [r["step"] for r in records] == list(range(1, 13))  # each step once, in order
+    losses_full = {r["step"]: r["loss"] for r in _records(finished_run)}
+    assert all(r["loss"] == losses_full[r["step"]] for r in records)
+    assert sorted(int(s) for s in os.listdir(os.path.join(finished_run, "checkpoints"))) == [4, 8, 12]
+    for s in (4, 8, 12):
+        assert ckpt_lib.verify_checksums(s, os.path.join(finished_run, "checkpoints", str(s)))
+
+
+def test_resume_with_another_config_is_refused_and_changes_nothing(tmp_path, finished_run, capsys):
+    work = _copy(finished_run, tmp_path / "w")
+    before = _hashes(work)
+    with pytest.raises(ResumeError) as e:
+        train_and_evaluate(TINY.replace(width=8, dataset="cluttered_digits", image_size=16, cluttered_train=64,
+                                        cluttered_val=16, num_steps=20), work)
+    msg = str(e.value)
+    assert "width 4 -> 8" in msg and "dataset 'digits' -> 'cluttered_digits'" in msg and "another --workdir" in msg
+    assert "num_steps" not in msg.split("(only")[0]  # a loop setting is not among the refused fields
+    with pytest.raises(ResumeError, match="learning_rate 0.1 -> 0.2"):  # same shapes, other optimisation
+        train_and_evaluate(TINY.replace(learning_rate=0.2), work)
+    with pytest.raises(ResumeError, match="num_steps 8 is smaller than the step 12 of the checkpoint"):
+        train_and_evaluate(TINY.replace(num_steps=8), work)
+    assert _hashes(work) == before
+    # the CLI: one line, exit code 2, and still nothing written
+    with pytest.raises(SystemExit) as e:
+        cli_main(["run", "--workdir", work, *_tiny_flags(), "--attn", "se"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "attn 'none' -> 'se'" in err and err.strip().count("\n") == 0, err
+    assert _hashes(work) == before
+
+
+def test_resume_with_changed_loop_settings_is_recorded(tmp_path, finished_run, train_log):
+    work = _copy(finished_run, tmp_path / "w")
+    cfg = TINY.replace(num_steps=12, log_every=3, keep_checkpoints=2)  # nothing left to train: no compile
+    summary = train_and_evaluate(cfg, work)
+    assert summary["resumed_from"] == 12 and summary["steps"] == 12
+    assert "log_every 1 -> 3" in _messages(train_log)
+    with open(os.path.join(work, "config.json")) as f:
+        assert Config.from_dict(json.load(f)) == cfg
+    with open(os.path.join(work, "config_history.jsonl")) as f:
+        history = [json.loads(line) for line in f]
+    assert history[0] == {"start_step": 0, "resumed": False, "changed": {}, "passed_over_checkpoints": []}
+    assert history[1]["start_step"] == 12 and history[1]["changed"] == {"log_every": [1, 3],
+                                                                         "keep_checkpoints": [3, 2]}
+
+
+def _truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def _zero(path):
+    with open(path, "r+b") as f:
+        f.write(b"\0" * os.path.getsize(path))
+
+
+def _flip(path):
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x10]))
+
+
+def _largest_data_file(step_dir):
+    files = [os.path.join(d, n) for d, _, ns in os.walk(os.path.join(step_dir, "default", "ocdbt.process_0"))
+             for n in ns]
+    return max(files, key=os.path.getsize)
+
+
+@pytest.mark.parametrize("damage", ["truncated data file", "zeroed data file", "flipped bytes",
+                                    "truncated _METADATA", "empty step folder"])
+def test_corrupt_newest_checkpoint_falls_back_to_a_good_one(tmp_path, finished_run, train_log, damage):
+    work = _copy(finished_run, tmp_path / "w")
+    step_dir = os.path.join(work, "checkpoints", "12")
+    if damage == "empty step folder":
+        shutil.rmtree(step_dir)
+        os.makedirs(step_dir)
+        culprit = step_dir
+    elif damage == "truncated _METADATA":
+        culprit = os.path.join(step_dir, "default", "_METADATA")
+        _truncate(culprit)
+    else:
+        culprit = _largest_data_file(step_dir)
+        {"truncated data file": _truncate, "zeroed data file": _zero, "flipped bytes": _flip}[damage](culprit)
+    before = _hashes(work)
+    with pytest.raises(CheckpointError, match="checkpoint step 12") as e:
+        train_and_evaluate(TINY, work, strict_checkpoints=True)
+    assert culprit in str(e.value) and _hashes(work) == before
+
+    summary = train_and_evaluate(TINY, work)
+    warned = _messages(train_log)
+    assert "checkpoint step 12" in warned and culprit in warned and "RESUMING FROM AN OLDER CHECKPOINT: step 8" in warned
+    assert summary["resumed_from"] == 8
+    assert os.path.isdir(os.path.join(work, "corrupt_checkpoints", "12"))
+    _assert_same_state(_restore_raw(finished_run, 12), _restore_raw(work, 12))  # retrained from a good state
+    assert [r["step"] for r in _records(work)] == list(range(1, 13))
+
+
+def test_unverified_checkpoint_without_checksum_is_restored_with_a_warning(tmp_path, finished_run, train_log):
+    work = _copy(finished_run, tmp_path / "w")
+    os.remove(os.path.join(work, "checkpoints", "12", "SHA256SUMS.json"))  # as written by an older version
+    assert ckpt_lib.newest_verified_step(os.path.join(work, "checkpoints")) == 8
+    summary = train_and_evaluate(TINY, work)
+    assert summary["resumed_from"] == 12 and "step 12 has no checksum file" in _messages(train_log)
+
+
+def _tiny_flags():
+    return ["--model", "resnet10", "--width", "4", "--batch_size", "32", "--num_steps", "12", "--log_every", "1",
+            "--checkpoint_every", "4", "--warmup_steps", "2", "--learning_rate", "0.1", "--no-progress",
+            "--cam_images", "0"]
 
 
 def test_nan_in_data_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
@@ -98,11 +276,16 @@ def test_nan_in_data_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch)
         return type(tr)(images, tr.labels, tr.class_names, tr.boxes), va
 
     monkeypatch.setattr(data_lib, "load_dataset", poisoned)
-    with pytest.raises(NonFiniteLossError, match=f"at step {nan_step} "):
+    with pytest.raises(NonFiniteLossError, match=f"at step {nan_step} ") as e:
         train_and_evaluate(cfg, str(tmp_path))
     good = (nan_step // 3) * 3  # the state after `good` steps never saw the poisoned batch
     steps = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
     assert steps[-1] == good
+    assert f"last good checkpoint (checksum verified) is step {good} in" in str(e.value)
+    assert ckpt_lib.verify_checksums(good, str(tmp_path / "checkpoints" / str(good)))
+    # bytes flipped in that checkpoint after the fact: it no longer counts as good
+    _flip(_largest_data_file(str(tmp_path / "checkpoints" / str(good))))
+    assert ckpt_lib.newest_verified_step(str(tmp_path / "checkpoints")) == steps[-2]
     restored = _restore_raw(tmp_path, good)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored))
     assert all(np.isfinite(r["loss"]) for r in _records(tmp_path))
@@ -116,6 +299,12 @@ def test_nan_in_data_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch)
     (["run", "--workdir", "w", "--num_steps", "0"], "num_steps must be >= 1"),
     (["run", "--workdir", "w", "--batch_size", "many"], "invalid int value"),
     (["run", "--workdir", "w", "--optimizer", "lion"], "unknown optimizer 'lion'"),
+    (["run", "--workdir", "w", "--learning_rate", "nan"], "learning_rate must be a finite number >= 0, got nan"),
+    (["run", "--workdir", "w", "--learning_rate", "-0.1"], "learning_rate must be a finite number >= 0"),
+    (["run", "--workdir", "w", "--weight_decay", "inf"], "weight_decay must be a finite number >= 0, got inf"),
+    (["run", "--workdir", "w", "--momentum", "1.0"], "momentum must be in [0, 1)"),
+    (["run", "--workdir", "w", "--step_factor", "0"], "step_factor must be a finite number > 0"),
+    (["run", "--workdir", "w", "--val_fraction", "nan"], "val_fraction must be in (0, 1)"),
     (["run", "--model", "resnet18"], "--workdir"),
     (["--no-such-flag"], "unrecognized arguments"),
     (["main", "--attns", "none,bogus"], "unknown attn 'bogus'"),
@@ -148,15 +337,32 @@ def test_cli_run_on_an_image_folder(tmp_path, capsys):
             arr = rng.integers(0, 100, (9, 7)) + (150 if c == "b" else 0)
             Image.fromarray(arr.astype(np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
     (tmp_path / "data" / "a" / "corrupt.jpg").write_bytes(b"\xff\xd8 truncated")
-    code = cli_main(["run", "--workdir", str(tmp_path / "w"), "--dataset", "folder", "--data_dir",
-                     str(tmp_path / "data"), "--image_size", "8", "--in_chans", "1", "--model", "resnet10",
-                     "--width", "4", "--batch_size", "8", "--num_steps", "3", "--cam_images", "2",
-                     "--no-progress"])
+    flags = ["--dataset", "folder", "--data_dir", str(tmp_path / "data"), "--image_size", "8", "--in_chans", "1",
+             "--model", "resnet10", "--width", "4", "--batch_size", "8", "--num_steps", "3", "--cam_images", "2",
+             "--no-progress"]
+    code = cli_main(["run", "--workdir", str(tmp_path / "w"), *flags])
     assert code == 0
-    out = capsys.readouterr().out
-    assert "skipped 1 unreadable image" in out and "corrupt.jpg" in out
-    summary = json.loads(out[out.index("{"):])
+    captured = capsys.readouterr()
+    assert "skipped 1 unreadable image" in captured.err and "corrupt.jpg" in captured.err
+    summary = json.loads(captured.out)
     assert summary["steps"] == 3 and os.path.isfile(summary["cam_figure"])
+
+    # data errors found before training: one line, exit code 2, nothing written (not even the workdir)
+    os.makedirs(tmp_path / "data" / "c")  # an empty class folder: found by the check before loading
+    (tmp_path / "data" / "d").mkdir()
+    (tmp_path / "data" / "d" / "x.png").write_bytes(b"not a png")  # a class without a readable image
+    for argv, message in ((flags, "class folder(s) ['c'] hold no image files"),
+                          (flags, "class folder(s) ['d'] hold no readable image"),
+                          ([*flags, "--drop_empty_classes", "--batch_size", "64"],
+                           "batch_size 64 is larger than the training set")):
+        with pytest.raises(SystemExit) as e:
+            cli_main(["run", "--workdir", str(tmp_path / "w2"), *argv])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err, err
+        assert err.strip().count("\n") == 0, err  # one line, no traceback
+        if (tmp_path / "data" / "c").exists():
+            os.rmdir(tmp_path / "data" / "c")
+        assert not (tmp_path / "w2").exists()
 
 
 def test_localisation_scores():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 
@@ -32,6 +33,33 @@ def _maybe_initialize_distributed(force: bool) -> None:
     jax.distributed.initialize(**kw)
 
 
+STRICT_HELP = ("stop on a corrupt newest checkpoint instead of resuming from the newest one that restores "
+               "cleanly (the default, with a warning)")
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A stream handler on whatever ``sys.stderr`` is at the time of each record."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _setup_logging() -> None:
+    """Messages of the ``train`` logger (data, resume, checkpoints) on stderr, one line each, prefixed."""
+    logger = logging.getLogger("train")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     from train.main_job import MAIN_JOB_ATTNS, MAIN_JOB_CONFIG
 
@@ -44,11 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     main.add_argument("--workdir", default="runs/main", help="output folder (one sub-folder per model)")
     main.add_argument("--attns", default=",".join(MAIN_JOB_ATTNS), help="comma-separated attention blocks")
     main.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() (auto-detect)")
+    main.add_argument("--strict_checkpoints", action="store_true", help=STRICT_HELP)
     add_config_arguments(main, MAIN_JOB_CONFIG)
     parser.subparsers["main"] = main
     run = sub.add_parser("run", help="one training run", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     run.add_argument("--workdir", required=True, help="output folder; an existing run there is resumed")
     run.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() (auto-detect)")
+    run.add_argument("--strict_checkpoints", action="store_true", help=STRICT_HELP)
     add_config_arguments(run, Config())
     parser.subparsers["run"] = run
     return parser
@@ -63,10 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = parser.subparsers[args.command]
     try:
         config = config_from_args(args)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         parser.error(str(e))
     _maybe_initialize_distributed(args.distributed)
-    from train.train import NonFiniteLossError, check_config
+    _setup_logging()
+    from train.checkpoints import CheckpointError
+    from train.data import DataError
+    from train.train import NonFiniteLossError, ResumeError, check_config
 
     try:
         check_config(config)
@@ -74,18 +107,20 @@ def main(argv: list[str] | None = None) -> int:
             attns = [a.strip() for a in args.attns.split(",") if a.strip()]
             for a in attns:
                 check_config(config.replace(attn=a))
-    except (ValueError, FileNotFoundError) as e:
-        parser.error(str(e))
+    except (ValueError, FileNotFoundError) as e:  # names, data folder, batch vs devices: one line, rc 2
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
     try:
         if args.command == "run":
             from train.train import train_and_evaluate
 
-            summary = train_and_evaluate(config, args.workdir)
+            summary = train_and_evaluate(config, args.workdir, strict_checkpoints=args.strict_checkpoints)
             print(json.dumps(summary, indent=2))
         else:
             from train.main_job import run_main_job
 
-            run_main_job(config, args.workdir, attns)
+            run_main_job(config, args.workdir, attns, strict_checkpoints=args.strict_checkpoints)
+    except (DataError, ResumeError, CheckpointError) as e:  # bad input found before training: one line, rc 2
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +46,8 @@ class Config:
     in_chans: int = field(default=0, metadata={"help": "folder only: 1 (grey) or 3 (RGB); 0 = 3"})
     val_fraction: float = field(default=0.2, metadata={"help": "fraction held out for validation"})
     data_seed: int = field(default=0, metadata={"help": "seed of the train/val split and of generated data"})
+    drop_empty_classes: bool = field(default=False, metadata={
+        "help": "folder only: train without class folders that hold no readable image (default: refuse)"})
     cluttered_train: int = field(default=4000, metadata={"help": "cluttered_digits: training images"})
     cluttered_val: int = field(default=1000, metadata={"help": "cluttered_digits: validation images"})
     clutter: int = field(default=8, metadata={"help": "cluttered_digits: clutter fragments per image"})
@@ -75,6 +78,22 @@ class Config:
     cam_images: int = field(default=8, metadata={"help": "validation images in the CAM figure (0 = none)"})
 
     def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            v, tp = getattr(self, f.name), hints[f.name]
+            if tp is bool:
+                ok = isinstance(v, bool)
+            elif tp is int:
+                ok = isinstance(v, int) and not isinstance(v, bool)
+            elif tp is float:
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+            elif tp is str:
+                ok = isinstance(v, str)
+            else:  # tuple[float, ...]
+                ok = isinstance(v, tuple) and all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in v)
+            if not ok:
+                raise TypeError(f"{f.name} must be {getattr(tp, '__name__', str(tp))}, got {v!r} "
+                                f"({type(v).__name__})")
         for name, allowed in (("dataset", DATASETS), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
                               ("compute_dtype", COMPUTE_DTYPES), ("stem", ("cifar", "torchvision"))):
             if getattr(self, name) not in allowed:
@@ -90,14 +109,20 @@ class Config:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.in_chans not in (0, 1, 3):
             raise ValueError(f"in_chans must be 0, 1 or 3, got {self.in_chans}")
+        # written as `not (lo <= x ...)` so that NaN fails every range check
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        for name in ("learning_rate", "weight_decay", "grad_clip_norm", "momentum"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if any(not 0.0 < m < 1.0 for m in self.step_milestones):
+        for name in ("learning_rate", "weight_decay", "grad_clip_norm"):
+            v = getattr(self, name)
+            if not (0.0 <= v and math.isfinite(v)):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1) (SGD momentum / AdamW beta1), got {self.momentum}")
+        if not (0.0 < self.step_factor and math.isfinite(self.step_factor)):
+            raise ValueError(f"step_factor must be a finite number > 0, got {self.step_factor}")
+        if not all(0.0 < m < 1.0 for m in self.step_milestones):
             raise ValueError(f"step_milestones must be fractions in (0, 1), got {self.step_milestones}")
         if self.dataset == "folder" and not self.data_dir:
             raise ValueError("dataset='folder' needs data_dir (a folder with one sub-folder per class)")
@@ -119,6 +144,21 @@ class Config:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+#: the fields a resumed run may change: they steer the loop (how long, how often to log, evaluate and
+#: checkpoint, the figure), not the model, the data or the optimisation. Changing ``num_steps`` recomputes
+#: the learning-rate schedule for the new length (a resumed cosine schedule is not the one a fresh run of
+#: the new length would follow).
+RESUMABLE_FIELDS: frozenset[str] = frozenset(
+    {"num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "prefetch", "progress",
+     "cam_images"})
+
+
+def config_changes(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
+    """``{field: (old value, new value)}`` for every field that differs between two configs."""
+    a, b = old.to_dict(), new.to_dict()
+    return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -5,7 +5,9 @@
   (64x64 by default) among fragments cut from other digits, after "cluttered MNIST" (Mnih et al., 2014).
   The ground-truth box of the target digit is kept for every image (for the CAM localisation score).
   Train and validation images are built from disjoint sets of source digits.
-* ``folder``: ``data_dir/<class>/<image>``; decoded with PIL; unreadable files are reported and skipped.
+* ``folder``: ``data_dir/<class>/<image>``; decoded with PIL and scaled to [0, 1] by the image's bit depth
+  (8 or 16 bits); unreadable files are reported and skipped. A class folder without a readable image is an
+  error (it would add a class no example can teach), or is dropped with ``drop_empty_classes``.
 
 The train/validation split is fixed by ``data_seed`` (independent of the training ``seed``). The data order
 is a pure function of ``(seed, step)``: epoch ``e`` uses the permutation drawn from ``(seed, e)``, so a run
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +26,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from train.config import Config
+
+log = logging.getLogger("train")
+
+class DataError(ValueError):
+    """The data of a run cannot be used as given (found before anything is written); the message says why."""
+
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -146,44 +155,93 @@ def load_cluttered_digits(config: Config) -> tuple[Dataset, Dataset]:
     return out[0], out[1]
 
 
-def check_folder(data_dir: str) -> list[str]:
-    """Class names of an image folder (sorted sub-folders); clear errors for a missing or empty folder."""
+def _class_folders(data_dir: str) -> list[str]:
+    """Every class sub-folder of ``data_dir`` (sorted, hidden ones excluded), empty or not."""
+    return sorted(e.name for e in os.scandir(data_dir) if e.is_dir() and not e.name.startswith("."))
+
+
+def _image_files(folder: str) -> list[str]:
+    return [os.path.join(folder, n) for n in sorted(os.listdir(folder))
+            if n.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, n))]
+
+
+def _keep_classes(data_dir: str, classes: list[str], empty: list[str], drop_empty: bool, what: str) -> list[str]:
+    """The classes left after the empty ones are refused or dropped; at least 2 must remain."""
+    if empty and not drop_empty:
+        raise DataError(f"data_dir {data_dir!r}: class folder(s) {empty} hold no {what}; each would be a class "
+                        f"no example teaches: add images, remove the folder(s), or pass --drop_empty_classes")
+    kept = [c for c in classes if c not in empty]
+    if len(kept) < 2:
+        raise DataError(f"data_dir {data_dir!r}: {len(kept)} class folder(s) with {what} ({kept}), need at "
+                        f"least 2 to train a classifier (empty: {empty})")
+    return kept
+
+
+def check_folder(data_dir: str, *, drop_empty: bool = False) -> list[str]:
+    """Class names of an image folder (sorted sub-folders that hold image files).
+
+    Raises:
+        FileNotFoundError: ``data_dir`` is missing.
+        DataError: fewer than 2 class folders, or a class folder without image files (unless ``drop_empty``,
+            which leaves it out with a warning).
+    """
     if not data_dir:
-        raise ValueError("dataset='folder' needs data_dir (a folder with one sub-folder per class)")
+        raise DataError("dataset='folder' needs data_dir (a folder with one sub-folder per class)")
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(f"data_dir {data_dir!r} does not exist or is not a folder")
-    classes = sorted(e.name for e in os.scandir(data_dir) if e.is_dir() and not e.name.startswith("."))
+    classes = _class_folders(data_dir)
     if len(classes) < 2:
-        raise ValueError(f"data_dir {data_dir!r} must hold one sub-folder per class (at least 2), "
-                         f"found {classes}")
-    return classes
+        raise DataError(f"data_dir {data_dir!r} must hold one sub-folder per class (at least 2), "
+                        f"found {classes}")
+    empty = [c for c in classes if not _image_files(os.path.join(data_dir, c))]
+    return _keep_classes(data_dir, classes, empty, drop_empty, f"image files ({', '.join(IMAGE_EXTENSIONS)})")
+
+
+def _decode(im, mode: str, size: int) -> np.ndarray:
+    """One PIL image as float32 ``(size, size, C)`` in [0, 1], scaled by its bit depth (8 or 16 bits)."""
+    from PIL import Image
+
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit greyscale (PNG, TIFF, PGM)
+        arr = np.asarray(im, dtype=np.float32)
+        if arr.min() < 0 or arr.max() > 65535:
+            raise ValueError(f"{im.mode} image with values outside the 16-bit range [0, 65535]")
+        grey = np.asarray(Image.fromarray(arr / 65535.0, mode="F").resize((size, size), Image.BILINEAR))
+        grey = np.clip(grey, 0.0, 1.0)[..., None]
+        return grey if mode == "L" else np.repeat(grey, 3, axis=-1)
+    if im.mode == "F":
+        raise ValueError("floating-point images are not supported (no known bit depth): save them as 8 or 16 bit")
+    arr = np.asarray(im.convert(mode).resize((size, size), Image.BILINEAR), np.float32) / 255.0
+    return arr if arr.ndim == 3 else arr[..., None]
 
 
 def load_folder(config: Config) -> tuple[Dataset, Dataset]:
     from PIL import Image, UnidentifiedImageError
 
-    classes = check_folder(config.data_dir)
+    classes = check_folder(config.data_dir, drop_empty=config.drop_empty_classes)
     size = config.image_size or 64
     mode = "L" if config.in_chans == 1 else "RGB"
-    images, labels, skipped = [], [], []
-    for c, name in enumerate(classes):
-        folder = os.path.join(config.data_dir, name)
-        for fname in sorted(os.listdir(folder)):
-            path = os.path.join(folder, fname)
-            if not fname.lower().endswith(IMAGE_EXTENSIONS) or not os.path.isfile(path):
-                continue
+    per_class: dict[str, list[np.ndarray]] = {}
+    skipped = []
+    for name in classes:
+        per_class[name] = []
+        for path in _image_files(os.path.join(config.data_dir, name)):
             try:
                 with Image.open(path) as im:
-                    arr = np.asarray(im.convert(mode).resize((size, size), Image.BILINEAR), np.float32) / 255.0
+                    per_class[name].append(_decode(im, mode, size))
             except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
                 skipped.append(f"{path}: {type(e).__name__}: {e}")
-                continue
-            images.append(arr if arr.ndim == 3 else arr[..., None])
-            labels.append(c)
+    empty = [c for c in classes if not per_class[c]]
+    kept = _keep_classes(config.data_dir, classes, empty, config.drop_empty_classes, "readable image")
+    dropped = sorted(set(_class_folders(config.data_dir)) - set(kept))
+    if dropped:
+        log.warning("data_dir %r: dropped class folder(s) without a readable image: %s (training %d classes: %s)",
+                    config.data_dir, dropped, len(kept), kept)
+    images = [im for c in kept for im in per_class[c]]
+    labels = [k for k, c in enumerate(kept) for _ in per_class[c]]
     if len(images) < 2:
-        raise ValueError(f"data_dir {config.data_dir!r}: found {len(images)} readable images "
-                         f"({len(skipped)} unreadable), need at least 2")
-    ds = Dataset(np.stack(images), np.asarray(labels, np.int32), tuple(classes), skipped=tuple(skipped))
+        raise DataError(f"data_dir {config.data_dir!r}: found {len(images)} readable images "
+                        f"({len(skipped)} unreadable), need at least 2")
+    ds = Dataset(np.stack(images), np.asarray(labels, np.int32), tuple(kept), skipped=tuple(skipped))
     tr, va = _split(len(ds), config.val_fraction, config.data_seed)
     return ds.take(tr), ds.take(va)
 

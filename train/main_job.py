@@ -43,9 +43,11 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def run_main_job(base: Config = MAIN_JOB_CONFIG, workdir: str = "runs/main",
-                 attns: Sequence[str] = MAIN_JOB_ATTNS) -> tuple[list[dict[str, Any]], str]:
+                 attns: Sequence[str] = MAIN_JOB_ATTNS, *, strict_checkpoints: bool = False
+                 ) -> tuple[list[dict[str, Any]], str]:
     """Trains ``base`` once per attention block in ``attns`` (each in ``workdir/<attn>``, resumable), prints
     one table and writes a combined CAM figure ``workdir/cam_comparison.png``. Returns (summaries, figure path).
+    ``strict_checkpoints`` is passed to :func:`train.train.train_and_evaluate`.
     """
     from train.cam import save_cam_grid
     from train.data import load_dataset
@@ -56,7 +58,7 @@ def run_main_job(base: Config = MAIN_JOB_CONFIG, workdir: str = "runs/main",
         cfg = base.replace(attn=attn)
         print(f"== {cfg.model} attn={attn} on {cfg.dataset}: {cfg.num_steps} steps of {cfg.batch_size} ==",
               flush=True)
-        rows.append(train_and_evaluate(cfg, os.path.join(workdir, attn)))
+        rows.append(train_and_evaluate(cfg, os.path.join(workdir, attn), strict_checkpoints=strict_checkpoints))
     figure = ""
     if base.cam_images:
         _, val = load_dataset(base)

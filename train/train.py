@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import time
 from typing import Any
@@ -31,12 +32,14 @@ import optax
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from train import checkpoints as ckpt
 from train import data as data_lib
 from train.cam import grad_cam, localisation_scores, save_cam_grid
-from train.config import Config
+from train.config import RESUMABLE_FIELDS, Config, config_changes
 from train.models import build_model, check_model_names
 
 PIXEL_MEAN, PIXEL_STD = 0.5, 0.5
+log = logging.getLogger("train")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -181,10 +184,18 @@ def _cached_functions(config: Config, num_classes: int, in_chans: int, devices: 
     return Functions(config, num_classes=num_classes, in_chans=in_chans, mesh=make_mesh())
 
 
+#: loop settings that the jitted functions never read (they are reset in the cache key, so that a run resumed
+#: with other logging or checkpoint intervals reuses the compiled functions)
+_LOOP_ONLY_FIELDS = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "prefetch", "progress",
+                     "cam_images")
+
+
 def get_functions(config: Config, *, num_classes: int, in_chans: int) -> Functions:
     """The jitted functions of ``config``, reused by later runs of the same config in this process (a resumed
     run, a repeated test) so that they compile once."""
-    return _cached_functions(config, num_classes, in_chans, tuple(jax.devices()))
+    default = Config()
+    key = config.replace(**{k: getattr(default, k) for k in _LOOP_ONLY_FIELDS})
+    return _cached_functions(key, num_classes, in_chans, tuple(jax.devices()))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -273,27 +284,83 @@ def checkpoint_manager(workdir: str, keep: int):
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
 
-def restore_latest(mngr, state: dict[str, Any]) -> dict[str, Any] | None:
-    """The latest finished checkpoint restored with the shardings of ``state``, or None if there is none."""
-    import orbax.checkpoint as ocp
+class ResumeError(ValueError):
+    """The workdir holds a run that this config cannot resume (nothing in the workdir was changed)."""
 
-    step = mngr.latest_step()
-    if step is None:
+
+def _read_stored_config(workdir: str) -> Config | None:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
         return None
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
-    return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+    try:
+        with open(path) as f:
+            return Config.from_dict(json.load(f))
+    except (OSError, ValueError, TypeError) as e:
+        raise ResumeError(f"{path} is not a config this version can read ({e}): start a fresh run in another "
+                          f"--workdir") from None
+
+
+def check_resume(stored: Config | None, config: Config, workdir: str) -> dict[str, tuple[Any, Any]]:
+    """The changes of ``config`` against the run stored in ``workdir``; raises :class:`ResumeError` naming every
+    field that would change the model, the data or the optimisation (only ``RESUMABLE_FIELDS`` may change)."""
+    if stored is None:
+        return {}
+    changes = config_changes(stored, config)
+    refused = {k: v for k, v in changes.items() if k not in RESUMABLE_FIELDS}
+    if refused:
+        listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in sorted(refused.items()))
+        raise ResumeError(
+            f"{workdir} holds a run with another config: {listed}. These fields change the model, the data or "
+            f"the optimisation, so its checkpoints cannot continue this config; start a fresh run in another "
+            f"--workdir (only {', '.join(sorted(RESUMABLE_FIELDS))} may change on resume)")
+    return changes
+
+
+def _num_steps_error(config: Config, step: int, workdir: str) -> ResumeError:
+    return ResumeError(f"num_steps {config.num_steps} is smaller than the step {step} of the checkpoint in "
+                       f"{workdir}: the run is already past it; pass --num_steps {step} or more (or start a "
+                       f"fresh run in another --workdir)")
+
+
+def _truncate_metrics(path: str, step: int) -> int:
+    """Drops the records of ``metrics.jsonl`` logged after ``step`` (a run killed after its last checkpoint logged
+    them; the resumed run logs them again) and partly written lines, atomically. Returns the number dropped."""
+    if not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(json.dumps(record, sort_keys=True) + "\n")
+    if len(kept) != len(lines):
+        ckpt.atomic_write(path, "".join(kept))
+    return len(lines) - len(kept)
 
 
 # --------------------------------------------------------------------------------------------------
 # the run
 # --------------------------------------------------------------------------------------------------
 
-def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
-    """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and returns the final summary.
+def train_and_evaluate(config: Config, workdir: str, *, strict_checkpoints: bool = False) -> dict[str, Any]:
+    """Trains ``config`` in ``workdir`` (resuming from its newest good checkpoint) and returns the final summary.
 
-    Writes ``workdir/config.json``, ``metrics.jsonl`` (train/eval/summary records), ``checkpoints/`` and, when
-    ``cam_images > 0``, ``cam.png``. Raises :class:`NonFiniteLossError` if the loss becomes NaN/inf (the last
-    good checkpoint is kept).
+    Writes ``workdir/config.json``, ``config_history.jsonl`` (one record per start, with the changed fields),
+    ``metrics.jsonl`` (train/eval/summary records), ``checkpoints/`` (orbax, one ``SHA256SUMS.json`` per step)
+    and, when ``cam_images > 0``, ``cam.png``.
+
+    Everything that can refuse a run happens before anything is written: the config checks, the data
+    (:class:`train.data.DataError`), the comparison with the stored config (:class:`ResumeError`: only
+    ``RESUMABLE_FIELDS`` may change, and ``num_steps`` not below the checkpoint's step) and the choice of the
+    checkpoint. A corrupt newest checkpoint (checksum mismatch, a file orbax cannot read, an empty folder) is
+    reported with a warning naming the step and the file, moved to ``workdir/corrupt_checkpoints/`` and the run
+    resumes from the newest checkpoint that restores cleanly; with ``strict_checkpoints`` it raises
+    :class:`train.checkpoints.CheckpointError` instead. Raises :class:`NonFiniteLossError` if the loss becomes
+    NaN/inf (the message names the newest checkpoint whose checksum verifies).
 
     Example:
         >>> summary = train_and_evaluate(Config(num_steps=20, progress=False), "/tmp/run")  # doctest: +SKIP
@@ -302,31 +369,62 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
     import orbax.checkpoint as ocp
 
     check_config(config)
-    os.makedirs(workdir, exist_ok=True)
-    config_path = os.path.join(workdir, "config.json")
-    if jax.process_index() == 0 and os.path.isfile(config_path):
-        with open(config_path) as f:
-            old = json.load(f)
-        changed = sorted(k for k, v in config.to_dict().items() if old.get(k) != v)
-        if changed:
-            print(f"warning: {workdir} holds a run with a different config (changed: {changed}); resuming its "
-                  f"latest checkpoint with the new config")
-    if jax.process_index() == 0:
-        with open(config_path, "w") as f:
-            f.write(config.to_json())
     train_ds, val_ds = data_lib.load_dataset(config)
-    if train_ds.skipped:
-        print(f"warning: skipped {len(train_ds.skipped)} unreadable image(s):\n  " + "\n  ".join(train_ds.skipped))
-    data_lib.batch_indices(len(train_ds), config.batch_size, config.seed, 0)  # batch vs dataset size check
+    if len(train_ds) < config.batch_size:
+        raise data_lib.DataError(f"batch_size {config.batch_size} is larger than the training set "
+                                 f"({len(train_ds)} images)")
+    stored = _read_stored_config(workdir)  # every process: they must all refuse, or all go on
+    changes = check_resume(stored, config, workdir)
+    ckpt_root = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    newest = ckpt.newest_candidate_step(ckpt_root)  # cheap, before anything compiles
+    if newest is not None and config.num_steps < newest:
+        raise _num_steps_error(config, newest, workdir)
 
     fns = get_functions(config, num_classes=len(train_ds.class_names), in_chans=train_ds.images.shape[-1])
-    writer = MetricsWriter(workdir)
-    mngr = checkpoint_manager(workdir, config.keep_checkpoints)
     state = fns.init()
-    restored = restore_latest(mngr, state)
+    mngr = checkpoint_manager(workdir, config.keep_checkpoints) if os.path.isdir(ckpt_root) else None
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+    restored, restored_step, bad = ckpt.restore_newest_good(
+        ckpt_root, lambda s: mngr.restore(s, args=ocp.args.StandardRestore(abstract)),
+        fallback=not strict_checkpoints)
     if restored is not None:
         state = restored
     start = int(jax.device_get(state["step"]))
+    if restored_step is not None and start != restored_step:
+        raise ckpt.CheckpointError(f"checkpoint step {restored_step} in {ckpt_root} holds the state of step {start}")
+    if config.num_steps < start:
+        raise _num_steps_error(config, start, workdir)
+
+    # ---------------- nothing was written up to here; from here on the run owns the workdir ----------------
+    os.makedirs(workdir, exist_ok=True)
+    moved = ckpt.move_aside(workdir, ckpt_root, [s for s, _ in bad])
+    if moved:
+        log.warning("moved the corrupt checkpoint(s) to %s", ", ".join(moved))
+    if mngr is not None and bad:  # orbax caches the step list: reopen it without the moved steps
+        mngr.close()
+        mngr = None
+    if mngr is None:
+        mngr = checkpoint_manager(workdir, config.keep_checkpoints)
+    writer = MetricsWriter(workdir)
+    if jax.process_index() == 0:
+        dropped = _truncate_metrics(writer.path, start)
+        if dropped:
+            log.info("dropped %d metrics record(s) logged after step %d (the step resumed from)", dropped, start)
+        if changes:
+            log.warning("resuming %s at step %d with changed loop settings: %s", workdir, start,
+                        ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in sorted(changes.items())))
+        ckpt.atomic_write(os.path.join(workdir, "config.json"), config.to_json())
+        history = os.path.join(workdir, "config_history.jsonl")
+        previous = open(history).read() if os.path.isfile(history) else ""
+        if previous and not previous.endswith("\n"):
+            previous = previous[:previous.rfind("\n") + 1]  # a partly written last line
+        record = {"start_step": start, "resumed": restored is not None,
+                  "changed": {k: list(v) for k, v in sorted(changes.items())},
+                  "passed_over_checkpoints": [s for s, _ in bad]}
+        ckpt.atomic_write(history, previous + json.dumps(record, sort_keys=True) + "\n")
+    if train_ds.skipped:
+        log.warning("skipped %d unreadable image(s):\n  %s", len(train_ds.skipped), "\n  ".join(train_ds.skipped))
+
 
     bar = None
     if config.progress and jax.process_index() == 0:
@@ -351,11 +449,13 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
         steps = [s for s, _ in pending]
         for s, m in zip(steps, fetched):
             if not np.isfinite(m["loss"]):
-                mngr.wait_until_finished()
+                finish_checkpoints()
+                good = ckpt.newest_verified_step(ckpt_root)
+                where = (f"The last good checkpoint (checksum verified) is step {good} in {ckpt_root}"
+                         if good is not None else f"No checkpoint in {ckpt_root} verifies")
                 raise NonFiniteLossError(
                     f"non-finite training loss ({m['loss']}) at step {s} (0-based; the batch of that step); "
-                    f"stopping. The last good checkpoint is step {mngr.latest_step()} in "
-                    f"{os.path.join(workdir, 'checkpoints')}")
+                    f"stopping. {where}")
         loss = float(np.mean([m["loss"] for m in fetched]))
         acc = float(np.sum([m["correct"] for m in fetched]) / (len(fetched) * config.batch_size))
         now = time.perf_counter()
@@ -386,6 +486,8 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
                 images_timed += config.batch_size
             if bar is not None:
                 bar.update(1)
+            if unsummed and not mngr.is_saving_in_progress():  # orbax finished: checksum it right away
+                finish_checkpoints()
             is_last = done == config.num_steps
             want_ckpt = is_last or (config.checkpoint_every and done % config.checkpoint_every == 0)
             want_eval = config.eval_every and done % config.eval_every == 0 and not is_last
@@ -399,7 +501,20 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
                 eval_seconds += dt
                 t_interval += dt
             if want_ckpt:
+                finish_checkpoints()
                 mngr.save(done, args=ocp.args.StandardSave(state))
+                unsummed.append(done)
+
+    unsummed: list[int] = []  # steps saved (asynchronously) whose checksum file is not written yet
+
+    def finish_checkpoints() -> None:
+        """Waits for orbax, then writes the checksum file of each checkpoint it finished (process 0)."""
+        mngr.wait_until_finished()
+        for step in unsummed:
+            d = os.path.join(ckpt_root, str(step))
+            if jax.process_index() == 0 and os.path.isdir(d):
+                ckpt.write_checksums(d)
+        unsummed.clear()
 
     fns_lr = learning_rate_schedule(config)
     t_loop = time.perf_counter()
@@ -407,7 +522,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
         _train_loop()
     finally:
         # an interrupted run (Ctrl-C, an exception) still finishes the checkpoint being written
-        mngr.wait_until_finished()
+        finish_checkpoints()
         if bar is not None:
             bar.close()
     train_seconds = (time.perf_counter() - t_first_done - eval_seconds) if t_first_done else 0.0
