@@ -5,6 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CONSTRAINTS := requirements/constraints.txt
+YOLOV5_TEST := requirements/yolov5-test.txt
+# the YOLOv5 7.0 package (AGPL, test-only parity reference) and its helper, installed without their deps
+YOLOV5_NODEPS := yolov5==7.0.14 ultralytics==8.4.190
 
 .PHONY: demo test install-train install-test bench clean
 
@@ -16,8 +19,10 @@ $(VENV)/.train-installed: $(VENV)/bin/python pyproject.toml $(CONSTRAINTS)
 	$(PIP) install --quiet -c $(CONSTRAINTS) -e ".[train]"
 	touch $@
 
-$(VENV)/.test-installed: $(VENV)/bin/python pyproject.toml $(CONSTRAINTS)
+$(VENV)/.test-installed: $(VENV)/bin/python pyproject.toml $(CONSTRAINTS) $(YOLOV5_TEST)
 	$(PIP) install --quiet -c $(CONSTRAINTS) -e ".[test]"
+	$(PIP) install --quiet --no-deps $(YOLOV5_NODEPS)
+	$(PIP) install --quiet -c $(CONSTRAINTS) -r $(YOLOV5_TEST)
 	touch $@
 
 install-train: $(VENV)/.train-installed

@@ -14,6 +14,7 @@ from flax_attn.models.mobilenetv3 import MobileNetV3
 from flax_attn.models.regnet import REGNET_CONFIGS, RegNet
 from flax_attn.models.resnet import ResNet
 from flax_attn.models.vgg import VGG_ARCHS, VGG
+from flax_attn.models.yolo import YOLOV5_CONFIGS, YOLOv5
 
 ModelFactory = Callable[..., nnx.Module]
 
@@ -109,3 +110,5 @@ for _arch in VGG_ARCHS:
     register_model(_arch, partial(VGG, _arch))
 for _arch in REGNET_CONFIGS:
     register_model(_arch, partial(RegNet, _arch))
+for _arch in YOLOV5_CONFIGS:
+    register_model(_arch, partial(YOLOv5, _arch))
