@@ -5,6 +5,7 @@ Never imports JAX. Contents:
 * :mod:`torch_ref.blocks`: generic ``SqueezeExcite``, ``ChannelAttention``, ``SpatialAttention``, ``CBAM``
   (1-D/2-D/3-D) with the same options and parameter names as ``flax_attn.layers``;
 * :mod:`torch_ref.se_layer`: the source article's ``SELayer``;
+* :mod:`torch_ref.yolo`: our plain PyTorch YOLOv5 v7.0 (n..x, the package's parameter names, attention slot);
 * :mod:`torch_ref.official_cbam`: the official CBAM code (``OfficialCBAM`` here; also importable as
   ``torch_ref.official_cbam.CBAM``).
 """
@@ -22,6 +23,7 @@ from torch_ref.blocks import (
 from torch_ref.official_cbam import CBAM as OfficialCBAM
 from torch_ref.official_cbam import BasicConv, ChannelGate, ChannelPool, Flatten, SpatialGate, logsumexp_2d
 from torch_ref.se_layer import SELayer
+from torch_ref.yolo import YOLOv5
 
 __all__ = [
     "BasicConv",
@@ -35,6 +37,7 @@ __all__ = [
     "SpatialAttention",
     "SpatialGate",
     "SqueezeExcite",
+    "YOLOv5",
     "hidden_width",
     "logsumexp_2d",
     "make_activation",
