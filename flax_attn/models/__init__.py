@@ -14,15 +14,29 @@ from flax_attn.models.registry import create_model, list_models, register_model
 from flax_attn.models.resnet import BasicBlock, Bottleneck, ResNet
 from flax_attn.models.vgg import VGG
 from flax_attn.models.yolo import YOLOV5_ANCHORS, YOLOV5_CONFIGS, YOLOv5, yolov5_num_params
+from flax_attn.models.yolo_ops import (
+    Detections,
+    NMSResult,
+    box_iou,
+    letterbox,
+    letterbox_boxes,
+    nms,
+    non_max_suppression,
+    scale_boxes,
+    xywh2xyxy,
+    xyxy2xywh,
+)
 
 __all__ = [
     "BasicBlock",
     "Bottleneck",
+    "Detections",
     "EFFICIENTNET_CONFIGS",
     "EfficientNet",
     "EfficientNetConfig",
     "InvertedResidualConfig",
     "MobileNetV3",
+    "NMSResult",
     "NamedSequential",
     "REGNET_CONFIGS",
     "RegNet",
@@ -34,8 +48,16 @@ __all__ = [
     "YOLOV5_ANCHORS",
     "YOLOV5_CONFIGS",
     "YOLOv5",
+    "box_iou",
     "create_model",
+    "letterbox",
+    "letterbox_boxes",
     "list_models",
+    "nms",
+    "non_max_suppression",
     "register_model",
+    "scale_boxes",
+    "xywh2xyxy",
+    "xyxy2xywh",
     "yolov5_num_params",
 ]
