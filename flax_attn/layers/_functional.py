@@ -17,6 +17,8 @@ import jax.numpy as jnp
 
 Array = jax.Array
 ActivationLike = str | Callable[[Array], Array]
+#: a dtype as Flax takes it (``jnp.float32``, ``"bfloat16"``, a NumPy dtype ...); the one alias of the package
+Dtype = Any
 
 # --------------------------------------------------------------------------------------------------
 # activations and gates
@@ -32,6 +34,11 @@ def _identity(x: Array) -> Array:
     return x
 
 
+def _hard_swish(x: Array) -> Array:
+    # torch.nn.Hardswish evaluates x * relu6(x + 3) / 6 in this order; jax.nn.hard_swish is x * (relu6(x + 3) / 6)
+    return x * jnp.clip(x + 3.0, 0.0, 6.0) / 6.0
+
+
 _ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "relu": jax.nn.relu,
     "relu6": jax.nn.relu6,
@@ -39,7 +46,7 @@ _ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "swish": jax.nn.silu,
     "gelu": _gelu_exact,
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "hard_swish": jax.nn.hard_swish,
+    "hard_swish": _hard_swish,
     "leaky_relu": lambda x: jax.nn.leaky_relu(x, 0.01),  # torch default negative_slope
     "tanh": jnp.tanh,
     "sigmoid": jax.nn.sigmoid,
@@ -48,13 +55,16 @@ _ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "identity": _identity,
 }
 
-GATES: tuple[str, ...] = ("sigmoid", "hard_sigmoid", "tanh", "identity")
-
 
 def resolve_activation(act: ActivationLike, *, argname: str = "act") -> Callable[[Array], Array]:
     """Turns an activation name (``"relu"``, ``"silu"``, ``"hard_sigmoid"`` ...) or a callable into a callable.
 
-    The names follow PyTorch semantics (``"gelu"`` is the exact erf form, as ``torch.nn.GELU()``).
+    The one activation/gate table of the package (blocks and backbones). The names follow PyTorch
+    semantics (``"gelu"`` is the exact erf form, as ``torch.nn.GELU()``; ``"hard_swish"`` rounds as
+    ``torch.nn.Hardswish``).
+
+    >>> float(resolve_activation("hard_sigmoid")(jnp.asarray(0.0)))
+    0.5
     """
     if callable(act):
         return act
@@ -158,6 +168,11 @@ def check_input(x: Any, channels: int, who: str, spatial_dims: int | None = None
         )
     if not jnp.issubdtype(getattr(x, "dtype", jnp.float32), jnp.floating):
         raise TypeError(f"{who} expects a floating-point input, got dtype {x.dtype}")
+    if 0 in tuple(shape[1:-1]):
+        raise ValueError(
+            f"{who} expects every spatial size >= 1 (global pools have no value over an empty map), got shape "
+            f"{tuple(shape)}; an empty batch (N = 0) is fine"
+        )
 
 
 def spatial_axes(x: Array) -> tuple[int, ...]:
@@ -198,9 +213,10 @@ def _max_last(x: Array, n_reduced: int) -> Array:
 def _max_last_jvp(n_reduced: int, primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, Array]:
     (x,), (t,) = primals, tangents
     lead = x.shape[: x.ndim - n_reduced]
-    idx = jnp.argmax(x.reshape(lead + (-1,)), axis=-1, keepdims=True)
-    out = jnp.take_along_axis(x.reshape(lead + (-1,)), idx, axis=-1)[..., 0]
-    return out, jnp.take_along_axis(t.reshape(lead + (-1,)), idx, axis=-1)[..., 0]
+    flat = lead + (math.prod(x.shape[x.ndim - n_reduced:]),)  # not -1: an empty batch has no inferable size
+    idx = jnp.argmax(x.reshape(flat), axis=-1, keepdims=True)
+    out = jnp.take_along_axis(x.reshape(flat), idx, axis=-1)[..., 0]
+    return out, jnp.take_along_axis(t.reshape(flat), idx, axis=-1)[..., 0]
 
 
 def _max_reduce(x: Array, axis: int | tuple[int, ...], scale: Array | None = None, keepdims: bool = False) -> Array:
@@ -241,8 +257,9 @@ def global_pool(x: Array, kind: str, scale: Array | None = None) -> Array:
     if scale is not None:
         if kind == "avg":
             n = math.prod(x.shape[a] for a in axes)
-            flat = x.reshape(x.shape[0], -1, x.shape[-1])
-            return jnp.einsum("npc,np->nc", flat, scale.reshape(x.shape[0], -1)) / n
+            # explicit sizes, not -1: reshape cannot infer a dimension of an empty batch
+            flat = x.reshape(x.shape[0], n, x.shape[-1])
+            return jnp.einsum("npc,np->nc", flat, scale.reshape(x.shape[0], n)) / n
     if kind == "max":
         return _max_reduce(x, axes, scale)
     if scale is not None:
@@ -308,7 +325,6 @@ def apply_arrangement(
 # spatial compression: (N, *spatial, C) -> (N, *spatial, K)
 # --------------------------------------------------------------------------------------------------
 
-COMPRESS_POOLS: tuple[str, ...] = ("max", "mean")
 _COMPRESS_ALIASES = {"max": "max", "mean": "mean", "avg": "mean"}
 
 
@@ -344,7 +360,7 @@ def channel_compress(x: Array, order: Sequence[str], fusion: str = "concat", sca
         if scale is None:
             xs = x
         elif kind == "mean":
-            flat = x.reshape(x.shape[0], -1, x.shape[-1])
+            flat = x.reshape(x.shape[0], math.prod(x.shape[1:-1]), x.shape[-1])
             s = scale.reshape(x.shape[0], x.shape[-1])
             return (jnp.einsum("npc,nc->np", flat, s) / x.shape[-1]).reshape(x.shape[:-1] + (1,))
         else:

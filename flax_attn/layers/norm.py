@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from flax_attn.layers import _functional as F
-
-Dtype = Any
+from flax_attn.layers._functional import Dtype
 
 
 class BatchNorm(nnx.Module):

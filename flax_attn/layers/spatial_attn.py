@@ -5,7 +5,6 @@ Woo et al., "CBAM: Convolutional Block Attention Module", ECCV 2018, section 3.1
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -13,12 +12,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_attn.layers import _functional as F
+from flax_attn.layers._functional import Dtype
 from flax_attn.layers.norm import BatchNorm
+from flax_attn.layers.specs import SpatialSpec, SpecBlock, check_channels, options_signature
 
-Dtype = Any
 
-
-class SpatialAttention(nnx.Module):
+class SpatialAttention(SpecBlock, nnx.Module):
     """CBAM's Spatial Attention Module: ``y = x * gate(bn(conv_k(compress(x))))``.
 
     ``compress`` squeezes the channel axis of a channels-last map:
@@ -36,6 +35,8 @@ class SpatialAttention(nnx.Module):
 
     Args:
         channels: input channels ``C`` (checked at call time; sizes the ``"conv"`` compression).
+        spec: a :class:`~flax_attn.layers.specs.SpatialSpec` (default: the paper's options); the keyword
+            options below override its fields.
         kernel_size: odd spatial kernel size, default 7.
         spatial_dims: 1, 2 (default) or 3 spatial dimensions.
         compress: concat order of ``"max"``/``"mean"`` pools, or ``"conv"``.
@@ -45,6 +46,11 @@ class SpatialAttention(nnx.Module):
         conv_bias: bias in the conv; default ``not use_bn``.
         bn_momentum, bn_eps: BatchNorm options (Flax momentum convention, torch momentum = 1 - momentum).
         gate: gate name or callable, default ``"sigmoid"``.
+        preset: the preset name recorded for conversion.
+        dtype: computation dtype (``None``: inferred); ``param_dtype``: parameter dtype.
+
+    The keyword options are the fields of :class:`~flax_attn.layers.specs.SpatialSpec` (``module.spec``).
+    An empty batch gives an empty output (in training mode BatchNorm needs more than one value per channel).
 
     Parameters: ``conv.kernel (k, k, K, 1)``, ``conv.bias``, ``bn.scale``, ``bn.bias`` (+ statistics),
     ``compress.kernel``/``compress.bias`` for ``compress="conv"``.
@@ -57,59 +63,28 @@ class SpatialAttention(nnx.Module):
         (2, 7, 9, 64)
     """
 
-    def __init__(
-        self,
-        channels: int,
-        *,
-        kernel_size: int = 7,
-        spatial_dims: int = 2,
-        compress: str | Sequence[str] = ("mean", "max"),
-        compress_fusion: str = "concat",
-        compress_channels: int = 2,
-        use_bn: bool = False,
-        conv_bias: bool | None = None,
-        bn_momentum: float = 0.9,
-        bn_eps: float = 1e-5,
-        gate: F.ActivationLike = "sigmoid",
-        dtype: Dtype | None = None,
-        param_dtype: Dtype = jnp.float32,
-        rngs: nnx.Rngs,
-    ):
-        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
-            raise ValueError(f"channels must be a positive int, got {channels!r}")
-        self.channels = channels
-        self.kernel_size = F.check_kernel_size(kernel_size)
-        self.spatial_dims = F.check_spatial_dims(spatial_dims)
-        self.compress_mode = F.normalize_compress(compress)
-        if compress_fusion not in ("concat", "mean"):
-            raise ValueError(f"unknown compress_fusion {compress_fusion!r}: expected 'concat' or 'mean'")
-        self.compress_fusion = compress_fusion
-        self.gate_fn = F.resolve_activation(gate, argname="gate")
-        self.dtype = dtype
-        conv_bias = (not use_bn) if conv_bias is None else conv_bias
-        if self.compress_mode == "conv":
-            if compress_channels < 1:
-                raise ValueError(f"compress_channels must be >= 1, got {compress_channels}")
-            self.compress = nnx.Conv(channels, compress_channels, (1,) * spatial_dims, padding="VALID",
-                                     dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-            k_in = compress_channels
-        else:
-            self.compress = None
-            k_in = 1 if compress_fusion == "mean" else len(self.compress_mode)
-        pad = (kernel_size - 1) // 2
-        self.conv = nnx.Conv(k_in, 1, (kernel_size,) * spatial_dims, padding=((pad, pad),) * spatial_dims,
-                             use_bias=conv_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.bn = (BatchNorm(1, momentum=bn_momentum, epsilon=bn_eps, dtype=dtype, param_dtype=param_dtype,
-                             rngs=rngs) if use_bn else None)
+    Spec: type[SpatialSpec] = SpatialSpec
+
+    def __init__(self, channels: int, spec: SpatialSpec | None = None, *, dtype: Dtype | None = None,
+                 param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs, **options: Any):
+        self.channels = check_channels(channels)
+        self.spec = sp = self.Spec.build(spec, **options)
+        nd = sp.spatial_dims
+        self.compress = (nnx.Conv(channels, sp.compress_channels, (1,) * nd, padding="VALID", dtype=dtype,
+                                  param_dtype=param_dtype, rngs=rngs) if sp.compress == "conv" else None)
+        self.conv = nnx.Conv(sp.conv_in, 1, (sp.kernel_size,) * nd, padding=sp.padding, use_bias=sp.use_conv_bias,
+                             dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.bn = (BatchNorm(1, momentum=sp.bn_momentum, epsilon=sp.bn_eps, dtype=dtype, param_dtype=param_dtype,
+                             rngs=rngs) if sp.use_bn else None)
 
     def logits(self, x: jax.Array, scale: jax.Array | None = None) -> jax.Array:
         """Pre-gate spatial logits, shape ``(N, *spatial, 1)``, of ``x`` (or of ``x * scale``, ``scale`` a
         channel map ``(N, 1, ..., 1, C)``, without forming the product for pooled compression)."""
-        F.check_input(x, self.channels, f"SpatialAttention({self.channels})", self.spatial_dims)
+        F.check_input(x, self.channels, f"SpatialAttention({self.channels})", self.spec.spatial_dims)
         if self.compress is not None:
             z = self.compress(x if scale is None else x * scale)
         else:
-            z = F.channel_compress(x, self.compress_mode, self.compress_fusion, scale)
+            z = F.channel_compress(x, self.spec.compress, self.spec.compress_fusion, scale)
         z = self.conv(z)
         if self.bn is not None:
             z = self.bn(z)
@@ -117,8 +92,11 @@ class SpatialAttention(nnx.Module):
 
     def attention_map(self, x: jax.Array, scale: jax.Array | None = None) -> jax.Array:
         """The spatial attention ``M_s(x)`` (or ``M_s(x * scale)``), shape ``(N, *spatial, 1)``."""
-        return self.gate_fn(self.logits(x, scale))
+        return self.spec.gate_fn(self.logits(x, scale))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         m = self.attention_map(x)
         return x.astype(m.dtype) * m
+
+
+SpatialAttention.__signature__ = options_signature(SpatialAttention.__init__, SpatialSpec)  # type: ignore[attr-defined]

@@ -17,17 +17,19 @@ import numpy as np
 from flax import nnx
 
 from flax_attn.layers import create_attn
+from flax_attn.layers._functional import Dtype, resolve_activation
 from flax_attn.layers.norm import BatchNorm
+from flax_attn.layers.registry import AttnSpec
+from flax_attn.layers.specs import CBAMSpec, ChannelSpec, SpatialSpec
 
-Dtype = Any
+__all__ = ["AttnSpec", "Dtype"]  # re-exported: the one attention-argument type and dtype alias of the models
+
 Initializer = Callable[..., jax.Array]
 
 # ---------------------------------------------------------------------------------------------- initialisers
 #: ``nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu")`` (torchvision ResNet / MobileNet /
 #: EfficientNet convs; RegNet's ``normal(0, sqrt(2 / fan_out))`` is the same law). Untruncated, like torch.
 kaiming_normal_fan_out: Initializer = jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-#: ``nn.init.kaiming_normal_(w)`` (fan_in; the official CBAM code's conv init).
-kaiming_normal_fan_in: Initializer = jax.nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 #: torch's default ``nn.Linear``/``nn.Conv2d`` weight init: ``kaiming_uniform_(a=sqrt(5))`` = U(+-1/sqrt(fan_in)).
 torch_default_kernel: Initializer = jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 zeros: Initializer = jax.nn.initializers.zeros
@@ -107,30 +109,9 @@ class Activation(nnx.Module):
         return self.fn(x)
 
 
-def relu6(x: jax.Array) -> jax.Array:
-    return jnp.clip(x, 0, 6)
-
-
-def hard_swish(x: jax.Array) -> jax.Array:
-    """``torch.nn.Hardswish``: ``x * relu6(x + 3) / 6``."""
-    return x * jnp.clip(x + 3.0, 0.0, 6.0) / 6.0
-
-
-def hard_sigmoid(x: jax.Array) -> jax.Array:
-    """``torch.nn.Hardsigmoid``: ``relu6(x + 3) / 6``."""
-    return jnp.clip(x + 3.0, 0.0, 6.0) / 6.0
-
-
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "hard_swish": hard_swish,
-    "hardswish": hard_swish,
-}
-
-
 def act_module(name: str) -> Activation:
-    return Activation(ACTIVATIONS[name], name)
+    """The activation ``name`` of the package's one table (:func:`flax_attn.layers._functional.resolve_activation`)."""
+    return Activation(resolve_activation(name), name)
 
 
 class MaxPool2d(nnx.Module):
@@ -170,13 +151,6 @@ def adaptive_avg_pool2d(x: jax.Array, output_size: int | tuple[int, int]) -> jax
     mh = jnp.asarray(_adaptive_matrix(h, oh), x.dtype)
     mw = jnp.asarray(_adaptive_matrix(w, ow), x.dtype)
     return jnp.einsum("ih,jw,nhwc->nijc", mh, mw, x, precision=jax.lax.Precision.HIGHEST)
-
-
-class GlobalAvgPool(nnx.Module):
-    """``nn.AdaptiveAvgPool2d(1)`` followed by ``torch.flatten(x, 1)``: ``(N, H, W, C) -> (N, C)``."""
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return jnp.mean(x, axis=(1, 2))
 
 
 class Dropout(nnx.Dropout):
@@ -330,17 +304,18 @@ def conv_norm_act(
     return Sequential(layers)
 
 
-def make_attn(attn: Any, channels: int, *, dtype: Dtype | None, param_dtype: Dtype, rngs: nnx.Rngs,
+def make_attn(attn: AttnSpec, channels: int, *, dtype: Dtype | None, param_dtype: Dtype, rngs: nnx.Rngs,
               **kwargs: Any) -> nnx.Module | None:
-    """Builds the attention block of a backbone slot: ``None`` -> no block, a registered name -> the
-    registry's block (with the model's dtypes), a callable -> ``attn(channels, rngs=rngs, **kwargs)``."""
+    """Builds the attention block of a backbone slot: ``None`` -> no block, a registered name or a block
+    spec -> the registry's block (with the model's dtypes), a callable -> ``attn(channels, rngs=rngs, **kwargs)``."""
     if attn is None:
         return None
-    if isinstance(attn, str):
+    if isinstance(attn, (str, ChannelSpec, SpatialSpec, CBAMSpec)):
         return create_attn(attn, channels, rngs=rngs, dtype=dtype, param_dtype=param_dtype, **kwargs)
     if callable(attn):
         return attn(channels, rngs=rngs, **kwargs)
-    raise TypeError(f"attn must be None, a registered attention name or a callable, got {type(attn).__name__}")
+    raise TypeError(f"attn must be None, a registered attention name, a block spec or a callable, got "
+                    f"{type(attn).__name__}")
 
 
 def check_image(x: Any, in_chans: int, who: str) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +19,8 @@ from flax import nnx
 
 from flax_attn.layers import make_divisible
 from flax_attn.models._common import (
+    AttnSpec,
+    Dtype,
     Dropout,
     Sequential,
     StochasticDepth,
@@ -30,9 +31,6 @@ from flax_attn.models._common import (
     uniform_symmetric,
     zeros,
 )
-
-Dtype = Any
-AttnSpec = str | Callable[..., nnx.Module] | None
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ torch momentum 0.01 (Flax 0.99).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -18,20 +18,18 @@ from flax import nnx
 
 from flax_attn.layers import make_divisible
 from flax_attn.models._common import (
-    Activation,
+    AttnSpec,
+    Dtype,
     Dropout,
     Sequential,
     check_image,
+    act_module,
     conv_norm_act,
-    hard_swish,
     linear,
     make_attn,
     normal,
     zeros,
 )
-
-Dtype = Any
-AttnSpec = str | Callable[..., nnx.Module] | None
 
 
 @dataclass(frozen=True)
@@ -171,7 +169,7 @@ class MobileNetV3(nnx.Module):
         lin = dict(kernel_init=normal(0.01), bias_init=zeros, **kw)
         self.classifier = Sequential([
             linear(last_out, last_channel, **lin),
-            Activation(hard_swish, "hard_swish"),
+            act_module("hard_swish"),
             Dropout(dropout, rngs=rngs),
             linear(last_channel, num_classes, **lin),
         ])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,8 @@ from flax import nnx
 
 from flax_attn.layers import make_divisible
 from flax_attn.models._common import (
+    AttnSpec,
+    Dtype,
     NamedSequential,
     check_image,
     conv_norm_act,
@@ -28,9 +30,6 @@ from flax_attn.models._common import (
     normal,
     zeros,
 )
-
-Dtype = Any
-AttnSpec = str | Callable[..., nnx.Module] | None
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ after ``bn3``), where both papers place it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import jax
@@ -18,6 +18,8 @@ from flax import nnx
 
 from flax_attn.layers.norm import BatchNorm
 from flax_attn.models._common import (
+    AttnSpec,
+    Dtype,
     MaxPool2d,
     Sequential,
     check_image,
@@ -25,9 +27,6 @@ from flax_attn.models._common import (
     linear,
     make_attn,
 )
-
-Dtype = Any
-AttnSpec = str | Callable[..., nnx.Module] | None
 
 
 def _zero_spatial_bn(attn: nnx.Module | None) -> None:
@@ -184,7 +183,6 @@ class ResNet(nnx.Module):
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.stem_type = stem
-        self.attn_spec = attn if isinstance(attn, str) or attn is None else getattr(attn, "__name__", "custom")
         if stem == "torchvision":
             self.conv1 = conv2d(in_chans, width, 7, stride=2, padding=3, **kw)
             self.maxpool = MaxPool2d(3, 2, 1)

@@ -7,8 +7,6 @@ between). ``features`` is the article's Grad-CAM layer for ``vgg16`` (the output
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -16,6 +14,7 @@ from flax import nnx
 from flax_attn.layers.norm import BatchNorm
 from flax_attn.models._common import (
     Activation,
+    Dtype,
     Dropout,
     MaxPool2d,
     Sequential,
@@ -27,7 +26,6 @@ from flax_attn.models._common import (
     zeros,
 )
 
-Dtype = Any
 
 #: torchvision's ``cfgs``: conv widths, ``"M"`` = 2x2 max-pool.
 VGG_CONFIGS: dict[str, list[int | str]] = {
