@@ -460,3 +460,76 @@ def test_convert_never_imports_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------------------------------
+# diagnoses: a prefix to strip, long error lists, a checkpoint of another architecture
+# --------------------------------------------------------------------------------------------------
+
+
+def test_module_prefix_is_diagnosed_and_stripped_on_request():
+    """A DataParallel/DDP checkpoint (every key under ``module.``) says what to do, and strip_prefix does it."""
+    src = _build(lambda: flax_attn.create_attn("cbam_timm", 16, rngs=nnx.Rngs(3)), 3)
+    sd = nnx_to_numpy(src)
+    ddp = {f"module.{k}": v for k, v in sd.items()}
+    m = _build(lambda: flax_attn.create_attn("cbam_timm", 16, rngs=nnx.Rngs(0)))
+    before = _snapshot(m)
+    with pytest.raises(ConversionError, match=r"strip 'module\.'.*strip_prefix='module\.'") as info:
+        torch_to_nnx(m, ddp)
+    assert any("strip" in h for h in info.value.hints)
+    _assert_sd_equal(_snapshot(m), before)                          # nothing loaded
+    torch_to_nnx(m, ddp, strip_prefix="module.")
+    _assert_sd_equal(_snapshot(m), sd)
+    torch_to_nnx(m, ddp, strip_prefix="module")                     # the dot is implied
+    # keys without the prefix stay as they are; a stripped key that collides with another is an error
+    with pytest.raises(ConversionError, match=r"'channel.fc1.weight' and 'module.channel.fc1.weight' are both"):
+        torch_to_nnx(m, {**sd, "module.channel.fc1.weight": sd["channel.fc1.weight"]}, strip_prefix="module.")
+    with pytest.raises(TypeError, match=r"strip_prefix must be a non-empty string.*got 3"):
+        torch_to_nnx(m, sd, strip_prefix=3)
+    # Linen: the same keyword
+    lin = fal.create_attn("cbam_timm", 16)
+    template = jax.eval_shape(lambda: lin.init(jax.random.key(0), jnp.ones((1, 4, 4, 16)), train=False))
+    with pytest.raises(ConversionError, match=r"strip 'module\.'"):
+        torch_to_linen(template, ddp, key_map="cbam_timm")
+    _assert_sd_equal(linen_to_numpy(torch_to_linen(template, ddp, key_map="cbam_timm", strip_prefix="module."),
+                                    key_map="cbam_timm"), sd)
+
+
+def test_long_error_lists_are_capped_and_wrong_architecture_is_said():
+    """Hundreds of problems: the message shows the first 20 and a count (the full list is on .problems), and
+    says that the checkpoint is of another architecture when most keys fail."""
+    class Wide(nnx.Module):
+        def __init__(self, rngs):
+            self.blocks = nnx.List([nnx.Linear(3, 3, rngs=rngs) for _ in range(60)])
+
+    m = _build(lambda: Wide(nnx.Rngs(0)))
+    other = {f"stage{i}.conv.weight": _r(4, 3, 1, 1) for i in range(50)}
+    with pytest.raises(ConversionError) as info:
+        torch_to_nnx(m, other)
+    e = info.value
+    assert len(e.problems) == 170                                   # 120 missing + 50 unexpected
+    msg = str(e)
+    assert msg.count("\n  - ") == 20 and "... and 150 more (all 170 are listed on this exception's .problems)" in msg
+    assert len(msg) < 4000
+    assert "0 of the checkpoint's 50 keys match" in msg and "another architecture" in msg
+    import pickle
+    e2 = pickle.loads(pickle.dumps(e))
+    assert e2.problems == e.problems and e2.hints == e.hints and str(e2) == msg
+    # a few problems: no architecture hint
+    sd = nnx_to_numpy(m)
+    del sd["blocks.0.weight"]
+    with pytest.raises(ConversionError) as info:
+        torch_to_nnx(m, sd)
+    assert info.value.hints == [] and "more" not in str(info.value)
+
+
+def test_from_torchvision_names_the_registered_model_a_checkpoint_belongs_to():
+    from flax_attn.convert import from_torchvision, to_torchvision_numpy
+    from flax_attn.models import create_model
+
+    r34 = _build(lambda: create_model("resnet34", num_classes=10, width=8, jit=False))
+    sd = to_torchvision_numpy(r34)
+    with pytest.raises(ConversionError, match=r"registered model with exactly these keys: 'resnet34'") as info:
+        from_torchvision("resnet18", sd)
+    assert "another architecture" not in str(info.value)            # resnet18's keys are all there
+    assert from_torchvision("resnet34", sd).fc.kernel.shape == (64, 10)   # the hint is right

@@ -20,7 +20,7 @@ anything else                      same name                       same shape
 
 Module paths are renamed by a :class:`KeyMap` (``{flax_prefix: torch_prefix}`` renames, ``conv1x1`` marks,
 ``nested`` sub-maps under a prefix); ``key_map=None`` uses the map registered for ``module.preset``
-(presets of :func:`flax_attn.create_attn` are registered, see :mod:`flax_attn.convert.presets`) or
+(presets of :func:`flax_attn.create_attn` are registered, see ``flax_attn/convert/_presets.py``) or
 identity. In NNX modules, sub-modules that record a ``preset`` get their map at their path automatically,
 so a model map embeds block maps without listing them; ``nnx.Sequential``'s ``layers`` component is
 dropped (``features.0.kernel`` <-> ``features.0.weight``, as torch's ``nn.Sequential``). Model maps:
@@ -47,33 +47,55 @@ Example:
     True
 """
 
-from flax_attn.convert import presets as presets
-from flax_attn.convert._keymap import (
-    ConversionError,
-    KeyMap,
-    get_key_map,
-    list_key_maps,
-    register_key_map,
+# The implementation modules are private (``_keymap``: key maps and their registry; ``_rules``: the layout rule
+# engine; ``_nnx`` / ``_linen``: front ends; ``_torchvision``: torchvision models; ``_presets``: the attention
+# presets' maps, registered on import). Everything public is imported here, and only from here.
+from flax_attn.convert import _presets  # noqa: F401  (registers the preset key maps)
+from flax_attn.convert._errors import ConversionError, ConversionWarning
+from flax_attn.convert._keymap import KeyMap, get_key_map, list_key_maps, register_key_map
+from flax_attn.convert._linen import (
+    linen_to_numpy,
+    linen_to_torch,
+    linen_variables_to_nnx,
+    nnx_to_linen_variables,
+    torch_to_linen,
 )
-from flax_attn.convert._linen import linen_to_numpy, linen_to_torch, torch_to_linen
 from flax_attn.convert._nnx import module_key_map, nnx_to_numpy, nnx_to_torch, torch_to_nnx
-from flax_attn.convert._rules import ConversionWarning
 from flax_attn.convert._safetensors import load_safetensors, save_safetensors
+from flax_attn.convert._torchvision import (
+    closest_registered_models,
+    from_torchvision,
+    to_torchvision,
+    to_torchvision_numpy,
+    torchvision_key_map,
+)
 
 __all__ = [
     "ConversionError",
     "ConversionWarning",
     "KeyMap",
+    "closest_registered_models",
+    "from_torchvision",
     "get_key_map",
     "linen_to_numpy",
     "linen_to_torch",
+    "linen_variables_to_nnx",
     "list_key_maps",
     "load_safetensors",
     "module_key_map",
+    "nnx_to_linen_variables",
     "nnx_to_numpy",
     "nnx_to_torch",
     "register_key_map",
     "save_safetensors",
+    "to_torchvision",
+    "to_torchvision_numpy",
     "torch_to_linen",
     "torch_to_nnx",
+    "torchvision_key_map",
 ]
+
+# YOLOv5 key maps (flax_attn/convert/yolo.py) are exported below this line.
+from flax_attn.convert.yolo import from_yolov5, to_yolov5  # noqa: E402  (imports the names above)
+
+__all__ += ["from_yolov5", "to_yolov5"]

@@ -26,12 +26,19 @@ def is_torch_tensor(x: Any) -> bool:
     return torch is not None and isinstance(x, torch.Tensor)
 
 
-def to_numpy(x: Any) -> np.ndarray:
-    """A torch tensor, numpy array or JAX array as a numpy array with the same dtype and values."""
+def tensor_to_numpy(x: Any) -> np.ndarray:
+    """A torch tensor, numpy array or JAX array as a numpy array with the same dtype and values.
+
+    A tensor without data (on the ``meta`` device) or one numpy cannot hold raises ``TypeError``.
+    """
     if is_torch_tensor(x):
         import torch
 
         t = x.detach()
+        if t.is_meta:
+            raise TypeError(f"a meta tensor (shape {tuple(t.shape)}, {t.dtype}) has no data: the model was built "
+                            "under torch.device('meta') or loaded with assign/mmap without materialising it; "
+                            "load real weights (e.g. model.to_empty(device='cpu') and then load_state_dict) first")
         if t.device.type != "cpu":
             t = t.cpu()
         if t.is_sparse or t.layout != torch.strided:
@@ -52,7 +59,7 @@ def to_numpy(x: Any) -> np.ndarray:
     return arr
 
 
-def to_torch(arr: np.ndarray):
+def numpy_to_tensor(arr: np.ndarray):
     """A numpy array as a CPU torch tensor (copied; bfloat16/float8 via their bit patterns)."""
     import torch
 

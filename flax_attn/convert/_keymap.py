@@ -1,4 +1,7 @@
-"""Key maps: how Flax module paths are named in a PyTorch ``state_dict``, and a registry of them."""
+"""Key maps: how Flax module paths are named in a PyTorch ``state_dict``, and a registry of them.
+
+Imports nothing else of the package (the rule engine ``_rules`` builds on it, never the other way).
+"""
 
 from __future__ import annotations
 
@@ -11,31 +14,22 @@ Path = tuple[str, ...]
 KeyMapLike = Union["KeyMap", str, None]
 
 
-class ConversionError(ValueError):
-    """A conversion found problems; ``problems`` lists every one of them (also in the message).
+# Flax leaf name -> PyTorch leaf name (the fixed part of every key). Anything else keeps its name.
+LEAF_NAMES: dict[str, str] = {
+    "kernel": "weight",        # Dense / Conv
+    "scale": "weight",         # BatchNorm / LayerNorm / GroupNorm
+    "embedding": "weight",     # Embed
+    "bias": "bias",
+    "mean": "running_mean",    # BatchNorm statistics
+    "var": "running_var",
+    "num_batches_tracked": "num_batches_tracked",
+}
 
-    Raised once per conversion with *all* the problems found (missing variables, unexpected checkpoint
-    keys, shape or dtype mismatches, unsupported layers), never after a partial load: when it is raised
-    the target module or variables are unchanged.
-
-    Example:
-        >>> err = ConversionError(["missing: fc1.kernel", "unexpected: checkpoint key 'fc.weight'"])
-        >>> isinstance(err, ValueError), len(err.problems)
-        (True, 2)
-    """
-
-    def __init__(self, problems: Iterable[str], *, header: str = "weight conversion failed"):
-        self.problems: list[str] = list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        self.header = header
-        super().__init__(f"{header} ({len(self.problems)} problem{'s' * (len(self.problems) != 1)}):\n{lines}")
-
-    def __reduce__(self):  # picklable (pytest-xdist, multiprocessing) with its problem list intact
-        return (_rebuild_conversion_error, (self.problems, self.header))
+NBT = "num_batches_tracked"
 
 
-def _rebuild_conversion_error(problems: list[str], header: str) -> ConversionError:
-    return ConversionError(problems, header=header)
+def torch_leaf_name(leaf: str) -> str:
+    return LEAF_NAMES.get(leaf, leaf)
 
 
 def _split(path: str | Iterable[str]) -> Path:
@@ -170,8 +164,6 @@ class KeyMap:
 
     def torch_key(self, flax_path: str) -> str:
         """The PyTorch ``state_dict`` key of a Flax variable path (``"fc1.kernel"`` -> ``"fc.0.weight"``)."""
-        from flax_attn.convert._rules import torch_leaf_name
-
         parts = _split(flax_path)
         if not parts:
             raise ValueError("flax_path must name a variable, got ''")

@@ -1,4 +1,5 @@
-"""Linen front end: conversion of a variables dict ``{"params": ..., "batch_stats": ...}``."""
+"""Linen front end: conversion of a variables dict ``{"params": ..., "batch_stats": ...}``, and the
+re-packaging of an NNX block's variables for its Linen twin (and back)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from flax_attn.convert._arrays import to_torch
+from flax_attn.convert._arrays import numpy_to_tensor
 from flax_attn.convert._keymap import KeyMapLike, resolve_key_map
 from flax_attn.convert._rules import Slot, export_arrays, import_arrays, make_slot
 
@@ -69,13 +71,14 @@ def torch_to_linen(
     key_map: KeyMapLike = None,
     strict: bool = True,
     cast: bool = False,
+    strip_prefix: str | None = None,
 ) -> dict:
     """A PyTorch ``state_dict`` as Linen variables shaped like the template ``variables``.
 
     ``variables`` (e.g. from ``module.init``) gives the tree, shapes and dtypes; its ``params`` and
     ``batch_stats`` leaves are replaced (other collections pass through), and a new dict is returned
-    (a ``FrozenDict`` if the template is one). Rules, ``key_map`` (``None``: identity), ``strict`` and
-    ``cast`` as in :func:`torch_to_nnx`.
+    (a ``FrozenDict`` if the template is one). Rules, ``key_map`` (``None``: identity), ``strict``,
+    ``cast`` and ``strip_prefix`` as in :func:`torch_to_nnx`.
 
     Example:
         >>> import jax, jax.numpy as jnp, numpy as np
@@ -87,7 +90,8 @@ def torch_to_linen(
         (32, 2)
     """
     slots, locs, problems = _plan(variables, key_map)
-    arrays = import_arrays(slots, state_dict, strict=strict, cast=cast, problems=problems)
+    arrays = import_arrays(slots, state_dict, strict=strict, cast=cast, problems=problems,
+                           strip_prefix=strip_prefix)
     frozen = type(variables).__name__ == "FrozenDict"
     out: dict = {k: v for k, v in variables.items()}
     for slot, loc in zip(slots, locs):
@@ -133,4 +137,78 @@ def linen_to_torch(variables: Mapping[str, Any], *, key_map: KeyMapLike = None) 
         >>> sorted(linen_to_torch(v, key_map="cbam_official"))[-1]
         'SpatialGate.spatial.conv.weight'
     """
-    return {k: to_torch(v) for k, v in linen_to_numpy(variables, key_map=key_map).items()}
+    return {k: numpy_to_tensor(v) for k, v in linen_to_numpy(variables, key_map=key_map).items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# NNX block <-> Linen twin: the same variable trees, so a re-packaging (no renames, no transposes)
+# --------------------------------------------------------------------------------------------------
+
+
+def _unfreeze(tree: Any) -> Any:
+    return {k: _unfreeze(v) for k, v in tree.items()} if isinstance(tree, Mapping) else tree
+
+
+def _structure(tree: Any) -> Any:
+    return jax.tree.structure(_unfreeze(tree))
+
+
+def nnx_to_linen_variables(module: nnx.Module) -> dict[str, dict]:
+    """An NNX block's variables as a Linen variables dict ``{"params": ..., "batch_stats": ...}``.
+
+    The NNX blocks and their Linen twins (:func:`flax_attn.linen.from_nnx`) have the same variable trees,
+    so this is a re-packaging, no renaming or transposing (``batch_stats`` is present only when the block
+    has BatchNorm statistics).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> import flax_attn
+        >>> from flax_attn.linen import from_nnx
+        >>> m = flax_attn.SqueezeExcite(32, rngs=nnx.Rngs(0))
+        >>> y = from_nnx(m).apply(nnx_to_linen_variables(m), jnp.ones((1, 3, 3, 32)))
+        >>> bool(jnp.array_equal(y, m(jnp.ones((1, 3, 3, 32)))))
+        True
+    """
+    if not isinstance(module, nnx.Module):
+        raise TypeError(f"module must be a flax.nnx.Module, got {type(module).__name__}")
+    out = {"params": nnx.to_pure_dict(nnx.state(module, nnx.Param))}
+    stats = nnx.to_pure_dict(nnx.state(module, nnx.BatchStat))
+    if stats:
+        out["batch_stats"] = stats
+    return out
+
+
+def linen_variables_to_nnx(module: nnx.Module, variables: Any) -> nnx.Module:
+    """Writes Linen variables (``params`` and ``batch_stats``) into the NNX twin ``module``, in place.
+
+    The trees must match exactly (same block, same options): a missing or extra entry raises, and then
+    ``module`` is unchanged (both collections are checked before either is written).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from flax import nnx
+        >>> import flax_attn
+        >>> from flax_attn import linen as fal
+        >>> lin = fal.create_attn("cbam_timm", 32)
+        >>> v = lin.init(jax.random.key(0), jnp.ones((2, 4, 4, 32)))
+        >>> m = linen_variables_to_nnx(flax_attn.create_attn("cbam_timm", 32, rngs=nnx.Rngs(1)), v)
+        >>> bool(jnp.array_equal(m.channel.fc1.kernel[...], v["params"]["channel"]["fc1"]["kernel"]))
+        True
+    """
+    if not isinstance(module, nnx.Module):
+        raise TypeError(f"module must be a flax.nnx.Module, got {type(module).__name__}")
+    updates = []
+    for col, kind in (("params", nnx.Param), ("batch_stats", nnx.BatchStat)):
+        state = nnx.state(module, kind)
+        pure = nnx.to_pure_dict(state)
+        given = variables.get(col, {}) if hasattr(variables, "get") else {}
+        if _structure(pure) != _structure(dict(given) if given else {}):
+            raise ValueError(f"variables[{col!r}] does not match the module's {col} tree: expected "
+                             f"{_structure(pure)}, got {_structure(dict(given) if given else {})}")
+        if pure:
+            updates.append((state, given))
+    for state, given in updates:
+        nnx.replace_by_pure_dict(state, _unfreeze(given))
+        nnx.update(module, state)
+    return module

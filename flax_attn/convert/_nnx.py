@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flax_attn.convert._arrays import to_torch
+from flax_attn.convert._arrays import numpy_to_tensor
 from flax_attn.convert._keymap import KeyMap, KeyMapLike, Path, resolve_key_map
 from flax_attn.convert._rules import Slot, export_arrays, import_arrays, make_slot
 
@@ -89,6 +89,7 @@ def torch_to_nnx(
     key_map: KeyMapLike = None,
     strict: bool = True,
     cast: bool = False,
+    strip_prefix: str | None = None,
 ) -> nnx.Module:
     """Loads a PyTorch ``state_dict`` (torch tensors or numpy arrays) into an NNX module, in place.
 
@@ -101,6 +102,12 @@ def torch_to_nnx(
     unchanged) and unexpected keys into a :class:`ConversionWarning`; shape and dtype problems still
     raise. A checkpoint dtype other than the variable's is an error unless ``cast=True`` (integers, e.g.
     torch's int64 ``num_batches_tracked``, convert exactly whenever the values fit).
+
+    ``strip_prefix="module."`` removes that prefix from every checkpoint key that starts with it before
+    matching (checkpoints saved from ``nn.DataParallel`` / ``DistributedDataParallel`` put every key under
+    ``module.``); without it, such a checkpoint fails with a hint to strip the prefix. A long list of
+    problems is shown capped (the first 20 and a count; ``ConversionError.problems`` has them all), and
+    when most keys fail the error says that the checkpoint is probably of another architecture.
 
     ``module`` may be abstract (built under ``nnx.eval_shape``, its variables ``jax.ShapeDtypeStruct``,
     possibly with shardings): loading then skips the random initialisation entirely, and each array is
@@ -118,7 +125,8 @@ def torch_to_nnx(
         (32, 2)
     """
     slots, refs, problems = _plan(module, key_map)
-    arrays = import_arrays(slots, state_dict, strict=strict, cast=cast, problems=problems)
+    arrays = import_arrays(slots, state_dict, strict=strict, cast=cast, problems=problems,
+                           strip_prefix=strip_prefix)
     for slot, var in zip(slots, refs):
         if slot.flax_path not in arrays:
             continue
@@ -158,4 +166,4 @@ def nnx_to_torch(module: nnx.Module, *, key_map: KeyMapLike = None) -> dict[str,
         >>> sorted(sd)[:2]
         ['ChannelGate.mlp.1.bias', 'ChannelGate.mlp.1.weight']
     """
-    return {k: to_torch(v) for k, v in nnx_to_numpy(module, key_map=key_map).items()}
+    return {k: numpy_to_tensor(v) for k, v in nnx_to_numpy(module, key_map=key_map).items()}

@@ -15,29 +15,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from flax_attn.convert._keymap import ConversionError, KeyMap, Path
-
-# Flax leaf name -> PyTorch leaf name. Anything else keeps its name.
-LEAF_NAMES: dict[str, str] = {
-    "kernel": "weight",        # Dense / Conv
-    "scale": "weight",         # BatchNorm / LayerNorm / GroupNorm
-    "embedding": "weight",     # Embed
-    "bias": "bias",
-    "mean": "running_mean",    # BatchNorm statistics
-    "var": "running_var",
-    "num_batches_tracked": "num_batches_tracked",
-}
-
-NBT = "num_batches_tracked"
-
-
-def torch_leaf_name(leaf: str) -> str:
-    return LEAF_NAMES.get(leaf, leaf)
-
-
-class ConversionWarning(UserWarning):
-    """Issued by ``strict=False`` conversions that skipped missing variables or unexpected keys."""
-
+from flax_attn.convert._arrays import tensor_to_numpy
+from flax_attn.convert._errors import ConversionError, ConversionWarning
+from flax_attn.convert._keymap import NBT, KeyMap, Path, torch_leaf_name
 
 @dataclass
 class Slot:
@@ -176,21 +156,25 @@ def check_plan(slots: list[Slot], problems: list[str]) -> None:
 
 
 def import_arrays(slots: list[Slot], state_dict: Mapping[str, Any], *, strict: bool, cast: bool,
-                  problems: list[str] | None = None) -> dict[str, np.ndarray]:
+                  problems: list[str] | None = None, strip_prefix: str | None = None) -> dict[str, np.ndarray]:
     """Checks ``state_dict`` against the plan and returns ``{flax_path: array in Flax layout/dtype}``.
 
-    Raises one :class:`ConversionError` listing every problem; with ``strict=False`` missing variables
-    (left out of the result) and unexpected keys are reported by a :class:`ConversionWarning` instead.
+    Raises one :class:`ConversionError` listing every problem, with diagnoses of the whole set as its
+    ``hints`` (a key prefix to strip; most keys failing: another architecture); with ``strict=False``
+    missing variables (left out of the result) and unexpected keys are reported by a
+    :class:`ConversionWarning` instead. ``strip_prefix`` (``"module."``) is removed from the keys that
+    start with it before matching.
     """
-    from flax_attn.convert._arrays import to_numpy
-
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping {{torch key: tensor or array}}, got {type(state_dict).__name__}")
     problems = list(problems or [])
+    if strip_prefix is not None:
+        state_dict = _strip_prefix(state_dict, strip_prefix, problems)
     check_plan(slots, problems)
     soft: list[str] = []
     out: dict[str, np.ndarray] = {}
     used: set[str] = set()
+    fits = 0  # checkpoint keys that match a variable by name and shape
     for s in slots:
         if s.torch_key not in state_dict:
             if s.is_nbt:
@@ -198,14 +182,16 @@ def import_arrays(slots: list[Slot], state_dict: Mapping[str, Any], *, strict: b
             soft.append(f"missing: {s.flax_path} (torch key {s.torch_key!r}) is not in the checkpoint")
             continue
         used.add(s.torch_key)
+        fits += 1  # the name matches; taken back below if the shape does not
         try:
-            value = to_numpy(state_dict[s.torch_key])
+            value = tensor_to_numpy(state_dict[s.torch_key])
         except (TypeError, ValueError) as e:
             problems.append(f"{s.torch_key}: {e}")
             continue
         v = to_flax_layout(s, value)
         if isinstance(v, str):
             problems.append(v)
+            fits -= 1
             continue
         v = _convert_dtype(s, v, cast)
         if isinstance(v, str):
@@ -214,19 +200,75 @@ def import_arrays(slots: list[Slot], state_dict: Mapping[str, Any], *, strict: b
         out[s.flax_path] = _c(v)
     # a torch BatchNorm's counter has no Flax home when the Flax BN does not keep one (flax.nnx.BatchNorm)
     droppable = {_join(m, NBT) for m in _bn_groups(slots)}
+    unexpected: list[str] = []
     for key in state_dict:
         if not isinstance(key, str):
             problems.append(f"state_dict keys must be strings, got {key!r}")
         elif key not in used and key not in droppable:
+            unexpected.append(key)
             soft.append(f"unexpected: checkpoint key {key!r} matches no Flax variable")
     if strict:
         problems = soft + problems
     if problems:
-        raise ConversionError(problems, header="torch -> Flax conversion failed; nothing was loaded")
+        hints = diagnose(slots, state_dict, fits=fits, unexpected=unexpected)
+        raise ConversionError(problems, header="torch -> Flax conversion failed; nothing was loaded", hints=hints)
     if soft:
         warnings.warn(ConversionError(soft, header="non-strict torch -> Flax conversion skipped keys").args[0],
                       ConversionWarning, stacklevel=3)
     return out
+
+
+def _strip_prefix(state_dict: Mapping[str, Any], prefix: Any, problems: list[str]) -> dict[str, Any]:
+    """``state_dict`` with ``prefix`` removed from the keys that start with it (a collision is a problem)."""
+    if not isinstance(prefix, str) or not prefix.strip("."):
+        raise TypeError(f"strip_prefix must be a non-empty string such as 'module.', got {prefix!r}")
+    prefix = prefix if prefix.endswith(".") else prefix + "."
+    out: dict[str, Any] = {}
+    origin: dict[str, Any] = {}
+    for key, value in state_dict.items():
+        new = key[len(prefix):] if isinstance(key, str) and key.startswith(prefix) else key
+        if new in out:
+            problems.append(f"strip_prefix={prefix!r}: checkpoint keys {origin[new]!r} and {key!r} are both "
+                            f"{new!r} once stripped")
+            continue
+        out[new], origin[new] = value, key
+    return out
+
+
+def _prefix_hint(expected: set[str], unexpected: list[str]) -> str | None:
+    """"strip 'module.'" when removing one leading prefix from the unexpected keys makes them match."""
+    counts: dict[str, int] = {}
+    for key in unexpected:
+        parts = key.split(".")
+        for n in (1, 2):
+            if len(parts) > n and ".".join(parts[n:]) in expected:
+                p = ".".join(parts[:n]) + "."
+                counts[p] = counts.get(p, 0) + 1
+    if not counts:
+        return None
+    prefix, n = max(counts.items(), key=lambda kv: kv[1])
+    if n < max(1, len(unexpected) // 2):
+        return None
+    ddp = " (DataParallel / DistributedDataParallel checkpoints put every key under 'module.')" \
+        if prefix == "module." else ""
+    return (f"hint: {n} of the {len(unexpected)} unexpected checkpoint keys match once their prefix {prefix!r} is "
+            f"removed: strip {prefix!r} (pass strip_prefix={prefix!r}){ddp}")
+
+
+def diagnose(slots: list[Slot], state_dict: Mapping[str, Any], *, fits: int, unexpected: list[str]) -> list[str]:
+    """Diagnoses of a failed import as a whole: a prefix to strip; most keys failing (another architecture)."""
+    hints = []
+    expected = {s.torch_key for s in slots}
+    prefix = _prefix_hint(expected, unexpected)
+    if prefix is not None:
+        hints.append(prefix)
+    wanted = sum(1 for s in slots if not s.is_nbt)
+    n_keys = len(state_dict)
+    if prefix is None and fits * 2 < max(wanted, n_keys):
+        hints.append(f"hint: only {fits} of the checkpoint's {n_keys} keys match one of the model's {wanted} "
+                     "variables by name and shape: the checkpoint is probably of another architecture "
+                     "(or needs another key_map)")
+    return hints
 
 
 def host_value(slot: Slot, value: Any, problems: list[str]) -> np.ndarray | None:

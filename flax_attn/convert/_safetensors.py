@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from flax_attn.convert._arrays import to_numpy
+from flax_attn.convert._arrays import tensor_to_numpy
 
 
 def _safetensors_numpy():
@@ -57,5 +57,8 @@ def save_safetensors(state_dict: Mapping[str, Any], path: str | os.PathLike, *,
     for k, v in state_dict.items():
         if not isinstance(k, str):
             raise TypeError(f"safetensors keys must be strings, got {k!r}")
-        arrays[k] = np.require(to_numpy(v), requirements="C")
+        try:
+            arrays[k] = np.require(tensor_to_numpy(v), requirements="C")
+        except TypeError as e:
+            raise TypeError(f"state_dict[{k!r}]: {e}") from None
     _safetensors_numpy().save_file(arrays, os.fspath(path), metadata=dict(metadata) if metadata else None)
