@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget as GcTarget
 
     import flax_attn.cam as fc
-    from flax_attn.convert.torchvision import from_torchvision
+    from flax_attn.convert import from_torchvision
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _timing import format_table, interleaved_medians, machine_description  # noqa: E402
 
 import torch_ref.resnet as tr  # noqa: E402
-from flax_attn.convert.torchvision import from_torchvision  # noqa: E402
+from flax_attn.convert import from_torchvision  # noqa: E402
 
 MODELS = {
     "resnet50": lambda: torchvision.models.resnet50(),

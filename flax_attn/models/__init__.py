@@ -3,7 +3,7 @@
 ResNet family (+ SE / CBAM / any registered block), MobileNetV3, EfficientNet B0-B7, VGG, RegNetX/Y,
 and the YOLOv5 n..x detector (:mod:`flax_attn.models.yolo`).
 Build by name with :func:`create_model`; import torchvision weights with
-:func:`flax_attn.convert.torchvision.from_torchvision`.
+:func:`flax_attn.convert.from_torchvision`.
 """
 
 from flax_attn.models._common import NamedSequential, Sequential, StochasticDepth
