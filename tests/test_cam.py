@@ -295,7 +295,7 @@ def test_overlays_batched_jitted_and_grid():
     img, mask = rs.rand(2, 6, 7, 3).astype(np.float32), rs.rand(2, 6, 7).astype(np.float32)
     eager = fc.show_cam_on_image(img, mask, use_rgb=True)
     jitted = jax.jit(lambda i, m: fc.show_cam_on_image(i, m, use_rgb=True))(img, mask)
-    assert eager.dtype == jnp.uint8 and eager.shape == (2, 6, 7, 3)
+    assert type(eager) is np.ndarray and eager.dtype == np.uint8 and eager.shape == (2, 6, 7, 3)
     np.testing.assert_array_equal(eager, jitted)
     np.testing.assert_array_equal(fc.show_cam_on_image(img[0], mask[0], use_rgb=True), eager[0])
     bgr = fc.show_cam_on_image(img[0], mask[0], use_rgb=False)
@@ -320,3 +320,162 @@ def test_reshape_transform_and_context_manager():
     with fc.GradCAM(as_tokens, reshape_transform=lambda t: t.reshape(t.shape[0], 3, 5, t.shape[-1])) as cam:
         tok = cam(x, jnp.array([0, 2]))
     np.testing.assert_allclose(tok, fc.GradCAM(as_map)(x, jnp.array([0, 2])), atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------------
+# issue 12: compile cache, bad input, grad-cam idioms; issue 8: one method vocabulary
+# ------------------------------------------------------------------------------------------------------
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+def _small_tap(scale=1.0):
+    w = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3) * scale
+    return fc.FunctionTap(jnp.tanh, lambda a: jnp.tanh(a).mean((1, 2)) @ w)
+
+
+def test_per_call_targets_hit_the_cache_and_memory_stays_bounded(net, x):
+    """200 calls, each with freshly built target objects equal in behaviour (Target lists, lambdas rebuilt
+    with the same closure values): no recompilation after the first round, RSS growth < 40 MiB (each
+    compilation of this model kept ~9 MiB before the cache was keyed structurally)."""
+    cam = fc.GradCAM(net, ["block"])
+
+    def targets(i):
+        c = i % 3
+        if i % 2:
+            return [fc.ClassifierOutputTarget(c), fc.ClassifierOutputTarget(c + 1)]
+        return [lambda o, c=c: o[c] - o[4]] * 2
+
+    for i in range(6):  # warm-up: every kind of target once
+        cam(x, targets(i)).block_until_ready()
+    traces, rss0 = fc.compile_cache_info().traces, _rss_mib()
+    for i in range(200):
+        cam(x, targets(i)).block_until_ready()
+    assert fc.compile_cache_info().traces == traces
+    assert _rss_mib() - rss0 < 40.0
+
+
+def test_cache_is_bounded_lru():
+    x = jax.random.normal(jax.random.key(0), (1, 4, 5, 4))
+    cam = fc.GradCAM(_small_tap())
+    def target(c):
+        return lambda o: o[c % 3] * (c + 1.0)
+
+    fc.set_compile_cache_size(2)
+    try:
+        for c in range(4):  # four different closure values: four different keys
+            cam(x, target(c))
+            assert fc.compile_cache_info().size <= 2
+        before = fc.compile_cache_info().traces
+        cam(x, target(3))  # the most recent one is still cached
+        assert fc.compile_cache_info().traces == before
+        cam(x, target(0))  # the oldest one was dropped
+        assert fc.compile_cache_info().traces == before + 1
+    finally:
+        fc.set_compile_cache_size(fc.DEFAULT_COMPILE_CACHE_SIZE)
+    assert fc.compile_cache_info().maxsize == fc.DEFAULT_COMPILE_CACHE_SIZE
+    with pytest.raises(ValueError, match="maxsize: expected an integer >= 1, got 0"):
+        fc.set_compile_cache_size(0)
+
+
+def test_new_cam_object_on_same_structure_does_not_recompile(net, x):
+    first = fc.GradCAM(net, ["block", "layer2"])
+    first(x, jnp.array([1, 2]))
+    traces = fc.compile_cache_info().traces
+    again = fc.GradCAM(net, ["block", "layer2"])
+    np.testing.assert_array_equal(again(x, jnp.array([1, 2])), first(x, jnp.array([1, 2])))
+    other = TinyNet(rngs=nnx.Rngs(7))  # a new model object with the same structure: new values, same code
+    other.eval()
+    fc.GradCAM(other, ["block", "layer2"])(x, jnp.array([1, 2]))
+    fine = [fc.FinerCAM(net, ["block"]) for _ in range(2)]
+    fine[0](x, alpha=0.5)
+    t_fine = fc.compile_cache_info().traces
+    fine[1](x, alpha=0.5)  # FinerCAM's options are equal by value
+    assert again.num_traces == 0 and fine[1].num_traces == 0
+    assert fc.compile_cache_info().traces == t_fine == traces + 1
+    fc.GradCAM(net, ["layer2"])(x, jnp.array([1, 2]))  # other layers: a new compilation
+    assert fc.compile_cache_info().traces == t_fine + 1
+
+
+def test_empty_batch_and_empty_images_are_named():
+    tap = _small_tap()
+    for cam in (lambda x: fc.compute_cam(tap, x), fc.GradCAM(tap)):
+        with pytest.raises(ValueError, match=r"x: empty batch, got shape \(0, 4, 5, 4\)"):
+            cam(jnp.ones((0, 4, 5, 4)))
+        with pytest.raises(ValueError, match=r"H, W, C >= 1, got shape \(2, 0, 5, 4\)"):
+            cam(jnp.ones((2, 0, 5, 4)))
+
+
+def test_out_of_range_class_under_jit_is_nan_or_an_error():
+    tap = _small_tap()
+    x = jax.random.normal(jax.random.key(1), (3, 4, 5, 4))
+    traced = jax.jit(lambda x, c: fc.compute_cam(tap, x, c).cam)
+    cam = np.asarray(traced(x, jnp.array([3, 1, -1])))  # 3 classes: 3 and -1 are out of range
+    assert np.all(np.isnan(cam[0])) and np.all(np.isnan(cam[2]))
+    assert np.all(np.isfinite(cam[1])) and cam[1].max() > 0.5
+    two = jax.jit(lambda x, c: fc.compute_cam(tap, x, fc.ClassifierOutputSoftmaxTarget(c)).cam)(
+        x, jnp.array([[0, 7], [1, 2], [2, 0]]))
+    assert np.all(np.isnan(np.asarray(two[0, 1]))) and np.all(np.isfinite(np.asarray(two[1:])))
+    with pytest.raises(ValueError, match=r"out of range: got values in \[-1, 1\], expected \[0, 3\)"):
+        jax.jit(lambda x: fc.compute_cam(tap, x, [1, -1, 0]).cam)(x)  # concrete under jit: checked eagerly
+
+
+def test_target_layers_as_module_objects(net, x):
+    by_object = fc.GradCAM(net, target_layers=[net.block, net.layer2])
+    assert by_object.target_layers == ("block", "layer2")
+    np.testing.assert_array_equal(by_object(x, jnp.array([1, 2])),
+                                  fc.GradCAM(net, ["block", "layer2"])(x, jnp.array([1, 2])))
+    stranger = nnx.Conv(3, 3, (1, 1), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"target_layers\[0\]: this Conv is not a submodule.*'layer4'") as e:
+        fc.GradCAM(net, [stranger])
+    assert len(str(e.value)) < 400 and "\n" not in str(e.value)
+    lin = LinenTiny()
+    with pytest.raises(TypeError, match=r"target_layers\[0\].*pass its path string") as e:
+        fc.GradCAM((lin, {}), [nn.Dense(3)])
+    assert len(str(e.value)) < 300
+
+
+class LinenBN(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        a = nn.Conv(4, (3, 3), name="conv")(x)
+        a = nn.BatchNorm(use_running_average=not train, name="bn")(a)
+        return nn.Dense(3, name="fc")(jax.nn.relu(a).mean((1, 2)))
+
+
+def test_linen_batchnorm_in_train_mode_says_what_to_pass(x):
+    m = LinenBN()
+    v = m.init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"apply_kwargs=\{'train': False\}"):
+        fc.GradCAM((m, v), ["conv"])(x)
+    assert fc.GradCAM((m, v), ["conv"], apply_kwargs={"train": False})(x).shape == (2, 9, 11)
+
+
+def test_show_cam_on_image_is_a_numpy_uint8_image():
+    from PIL import Image
+
+    rs = np.random.RandomState(1)
+    img, mask = rs.rand(5, 7, 3).astype(np.float32), jnp.asarray(rs.rand(5, 7).astype(np.float32))
+    out = fc.show_cam_on_image(img, mask, use_rgb=True)
+    assert type(out) is np.ndarray and out.dtype == np.uint8 and out.shape == (5, 7, 3)
+    np.testing.assert_array_equal(np.asarray(Image.fromarray(out)), out)
+    assert type(fc.jet_colormap()) is np.ndarray
+
+
+def test_methods_list_and_get_agree_and_classes_are_real():
+    import inspect
+
+    names = fc.list_methods()
+    assert "finercam" in names
+    for name in names:
+        assert fc.get_method(name).name == name
+    assert fc.get_method("finercam", alpha=0.5) == fc.finer_cam(alpha=0.5)
+    for cls in (fc.GradCAM, fc.HiResCAM, fc.GradCAMElementWise, fc.GradCAMPlusPlus, fc.XGradCAM, fc.LayerCAM,
+                fc.EigenCAM, fc.EigenGradCAM, fc.ShapleyCAM, fc.RandomCAM, fc.FinerCAM):
+        assert f"class {cls.__name__}(BaseCAM)" in inspect.getsource(cls)
+        assert fc.get_method(cls.method_name).name in names

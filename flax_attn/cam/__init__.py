@@ -13,7 +13,9 @@ and functional (inside your own ``jax.jit``/``jax.grad``)::
 """
 
 from flax_attn.cam.api import (
+    DEFAULT_COMPILE_CACHE_SIZE,
     BaseCAM,
+    CacheInfo,
     EigenCAM,
     EigenGradCAM,
     FinerCAM,
@@ -25,8 +27,11 @@ from flax_attn.cam.api import (
     RandomCAM,
     ShapleyCAM,
     XGradCAM,
+    clear_compile_cache,
+    compile_cache_info,
+    set_compile_cache_size,
 )
-from flax_attn.cam.engine import AUG_TRANSFORMS, CamResult, compute_cam
+from flax_attn.cam.engine import AUG_TRANSFORMS, CamResult, check_images, compute_cam, compute_cam_prepared, preflight
 from flax_attn.cam.image import jet_colormap, plot_cam_grid, show_cam_on_image
 from flax_attn.cam.methods import CamInputs, CamMethod, finer_cam, get_method, list_methods, register_method
 from flax_attn.cam.postprocess import aggregate_layers, first_component_projection, resize_maps, scale_cam
@@ -36,24 +41,27 @@ from flax_attn.cam.targets import (
     ClassifierOutputSoftmaxTarget,
     ClassifierOutputTarget,
     FinerWeightedTarget,
+    PreparedTargets,
     RawScoresOutputTarget,
     SemanticSegmentationTarget,
     SoftmaxOutputTarget,
     Target,
     normalize_targets,
 )
-from flax_attn.cam.taps import FunctionTap, LinenTap, NNXTap, Tap, make_tap
+from flax_attn.cam.taps import FunctionTap, LinenTap, NNXTap, Tap, make_tap, structural_key
 
 __all__ = [
     "AUG_TRANSFORMS",
     "BaseCAM",
     "BinaryClassifierOutputTarget",
+    "CacheInfo",
     "CamInputs",
     "CamMethod",
     "CamResult",
     "ClassifierOutputReST",
     "ClassifierOutputSoftmaxTarget",
     "ClassifierOutputTarget",
+    "DEFAULT_COMPILE_CACHE_SIZE",
     "EigenCAM",
     "EigenGradCAM",
     "FinerCAM",
@@ -66,6 +74,7 @@ __all__ = [
     "LayerCAM",
     "LinenTap",
     "NNXTap",
+    "PreparedTargets",
     "RandomCAM",
     "RawScoresOutputTarget",
     "SemanticSegmentationTarget",
@@ -75,7 +84,11 @@ __all__ = [
     "Target",
     "XGradCAM",
     "aggregate_layers",
+    "check_images",
+    "clear_compile_cache",
+    "compile_cache_info",
     "compute_cam",
+    "compute_cam_prepared",
     "finer_cam",
     "first_component_projection",
     "get_method",
@@ -84,8 +97,11 @@ __all__ = [
     "make_tap",
     "normalize_targets",
     "plot_cam_grid",
+    "preflight",
     "register_method",
     "resize_maps",
     "scale_cam",
+    "set_compile_cache_size",
     "show_cam_on_image",
+    "structural_key",
 ]

@@ -1,28 +1,37 @@
 """grad-cam-style classes: ``GradCAM(model, target_layers=[...])(x, targets)`` -> ``(B, H, W)`` maps.
 
-Each call is ``jax.jit``-compiled and cached. Recompilation happens when any of these change: the input
-shape or dtype; the model's structure (its ``nnx.graphdef``; new parameter VALUES never recompile); the
-kind of ``targets`` (``None`` / class indices / a Target class / callables), the number of targets per image
-or the target class; new callable objects (a fresh ``lambda`` every call recompiles every call); the flags
-``aug_smooth``, ``eigen_smooth``, ``return_raw``; FinerCAM's options. Class indices, masks and other target
-values are traced arguments: changing them does not recompile.
+Each call is ``jax.jit``-compiled. Compiled functions live in ONE module-level LRU cache shared by every CAM
+object (:func:`compile_cache_info`, :func:`set_compile_cache_size`; default size
+:data:`DEFAULT_COMPILE_CACHE_SIZE` entries, the least recently used one is dropped beyond that, so memory
+stays bounded whatever the calls). Its key is the model's structure (an NNX ``graphdef``, a Linen module
+and its options, or the structural key of a ``(features, head)`` pair), the target layers, the method and
+its options, the flags ``aug_smooth``, ``eigen_smooth``, ``return_raw``, the kind of ``targets`` and the
+shapes and dtypes of the input and of the target values. So a new CAM object on the same model does not
+recompile; new parameter VALUES, new class indices, masks and other target values never recompile; a
+callable target (or ``reshape_transform``) is keyed by :func:`~flax_attn.cam.taps.structural_key`: the same
+``lambda`` source with the same closure values (e.g. rebuilt every call) hits the cache, a different one
+compiles once more.
 """
 
 from __future__ import annotations
 
+import collections
+import threading
+import weakref
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import jax
-import jax.numpy as jnp
 
-from flax_attn.cam.engine import CamResult, _check_input, compute_cam_normalized
+from flax_attn.cam.engine import CamResult, compute_cam_prepared, preflight
 from flax_attn.cam.methods import CamMethod, finer_cam, get_method
-from flax_attn.cam.targets import normalize_targets
-from flax_attn.cam.taps import make_tap
+from flax_attn.cam.targets import PreparedTargets
+from flax_attn.cam.taps import make_tap, structural_key
 
 __all__ = [
+    "DEFAULT_COMPILE_CACHE_SIZE",
     "BaseCAM",
+    "CacheInfo",
     "EigenCAM",
     "EigenGradCAM",
     "FinerCAM",
@@ -34,16 +43,140 @@ __all__ = [
     "RandomCAM",
     "ShapleyCAM",
     "XGradCAM",
+    "clear_compile_cache",
+    "compile_cache_info",
+    "set_compile_cache_size",
 ]
+
+#: entries of the shared CAM compile cache (one compiled function per model structure x method x options x
+#: shapes); a few MiB each for small models
+DEFAULT_COMPILE_CACHE_SIZE = 32
+
+
+class CacheInfo(NamedTuple):
+    """Counters of the shared CAM compile cache (as ``functools.lru_cache``'s ``cache_info``)."""
+
+    hits: int
+    misses: int
+    traces: int
+    size: int
+    maxsize: int
+
+
+class _LRU:
+    def __init__(self, maxsize: int):
+        self.maxsize = maxsize
+        self.data: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+        self.hits = self.misses = self.traces = 0
+        self.lock = threading.Lock()
+
+    def get(self, key: Any, make: Callable[[], Any]) -> Any:
+        with self.lock:
+            if key in self.data:
+                self.hits += 1
+                self.data.move_to_end(key)
+                return self.data[key]
+            self.misses += 1
+        value = make()
+        with self.lock:
+            self.data[key] = value
+            self.data.move_to_end(key)
+            while len(self.data) > self.maxsize:
+                self.data.popitem(last=False)
+        return value
+
+
+_COMPILED = _LRU(DEFAULT_COMPILE_CACHE_SIZE)
+_OUTPUT_SHAPES = _LRU(4 * DEFAULT_COMPILE_CACHE_SIZE)  # eval_shape of the model per (structure, input aval)
+
+
+def compile_cache_info() -> CacheInfo:
+    """Hits, misses, traces (compilations), current size and maximum size of the shared CAM compile cache.
+
+    Example:
+        >>> compile_cache_info().maxsize >= 1
+        True
+    """
+    c = _COMPILED
+    return CacheInfo(c.hits, c.misses, c.traces, len(c.data), c.maxsize)
+
+
+def set_compile_cache_size(maxsize: int) -> None:
+    """Sets the number of compiled CAM functions kept (least recently used dropped first; default
+    :data:`DEFAULT_COMPILE_CACHE_SIZE`).
+
+    Example:
+        >>> set_compile_cache_size(DEFAULT_COMPILE_CACHE_SIZE)
+    """
+    if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
+        raise ValueError(f"maxsize: expected an integer >= 1, got {maxsize!r}")
+    for c, n in ((_COMPILED, maxsize), (_OUTPUT_SHAPES, 4 * maxsize)):
+        with c.lock:
+            c.maxsize = n
+            while len(c.data) > n:
+                c.data.popitem(last=False)
+
+
+def clear_compile_cache() -> None:
+    """Drops every compiled CAM function (and resets the counters).
+
+    Example:
+        >>> clear_compile_cache(); compile_cache_info().size
+        0
+    """
+    for c in (_COMPILED, _OUTPUT_SHAPES):
+        with c.lock:
+            c.data.clear()
+            c.hits = c.misses = c.traces = 0
+
+
+def _aval(v: Any) -> Any:
+    return (tuple(v.shape), str(v.dtype)) if hasattr(v, "shape") and hasattr(v, "dtype") else structural_key(v)
+
+
+def _compiled(tap: Any, static: Any, method: CamMethod, prepared: PreparedTargets, x: jax.Array, has_key: bool,
+              *, eigen_smooth: bool, aug_smooth: bool, return_raw: bool, reshape_transform: Callable | None):
+    """The shared jitted function for this structure and these options (one input signature per entry)."""
+    grid = prepared.grid
+    target_sig = None if prepared.target is None else (
+        jax.tree.structure(prepared.target), tuple(_aval(v) for v in jax.tree.leaves(prepared.target)))
+    key = (static, method, None if grid is None else structural_key(grid), prepared.num_targets,
+           prepared.has_target_axis, target_sig, _aval(x), has_key, eigen_smooth, aug_smooth, return_raw,
+           structural_key(reshape_transform))
+
+    def make():
+        t, has_t = prepared.num_targets, prepared.has_target_axis
+        entry = _Entry()
+
+        def impl(dynamic, x, target, rng):
+            _COMPILED.traces += 1
+            tap = entry.tap()  # the calling object's tap; the entry itself never keeps a model alive
+            res = compute_cam_prepared(tap.rebuild(static, dynamic), x, PreparedTargets(target, grid, t, has_t),
+                                       method=method, eigen_smooth=eigen_smooth, aug_smooth=aug_smooth, key=rng,
+                                       reshape_transform=reshape_transform)
+            return res if return_raw else res.cam
+
+        entry.fn = jax.jit(impl)
+        return entry
+
+    entry = _COMPILED.get(key, make)
+    entry.tap = weakref.ref(tap)
+    return entry.fn
+
+
+class _Entry:
+    fn: Callable[..., Any]
+    tap: Callable[[], Any]
 
 
 class BaseCAM:
-    """A CAM method bound to a model and its target layers; calls are jitted and cached per input shape.
+    """A CAM method bound to a model and its target layers; calls are jitted, compiled functions shared.
 
     ``model``: a ``flax.nnx.Module`` (``target_layers`` = attribute paths such as ``"layer4"``,
-    ``"layer4.1"``, ``"features.-1"``), a ``(flax.linen.Module, variables)`` pair (module paths), a
-    ``(features, head)`` pair of functions, or a :class:`~flax_attn.cam.Tap`. The model is run in eval mode
-    on a copy (NNX) and is never modified. ``tap_kwargs`` go to the tap (e.g. ``apply_kwargs`` for Linen).
+    ``"layer4.1"``, ``"features.-1"``, or the submodule objects themselves, grad-cam's
+    ``[model.layer4]``), a ``(flax.linen.Module, variables)`` pair (module paths), a ``(features, head)``
+    pair of functions, or a :class:`~flax_attn.cam.Tap`. The model is run in eval mode on a copy (NNX) and
+    is never modified. ``tap_kwargs`` go to the tap (e.g. ``apply_kwargs={"train": False}`` for Linen).
     ``reshape_transform`` maps tapped activations to channels-last maps (grad-cam's option, e.g. ViT
     tokens). ``with GradCAM(...) as cam:`` works as in grad-cam (nothing to release).
 
@@ -51,7 +184,9 @@ class BaseCAM:
     key=None)``: ``input_tensor`` channels-last ``(B, H, W, C)``; ``targets`` as in grad-cam (a list of ``B``
     targets) or class indices ``(B,)`` / ``(B, T)`` or a batched Target; returns the normalised maps
     ``(B, H, W)`` (``(B, T, H, W)`` for 2-D targets) as a ``jax.Array``, or a
-    :class:`~flax_attn.cam.CamResult` with ``return_raw=True``. ``num_traces`` counts compilations.
+    :class:`~flax_attn.cam.CamResult` with ``return_raw=True``. ``num_traces`` counts the compilations this
+    object's calls caused (0 when another object with the same model structure compiled them first); see
+    the module docstring for what recompiles.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -78,38 +213,25 @@ class BaseCAM:
         self.num_traces = 0
         self._seed = seed
         self._calls = 0
-        self._out_shapes: dict[Any, Any] = {}
-        self._jitted = jax.jit(
-            self._impl,
-            static_argnames=("static", "method", "grid", "t", "has_t", "eigen_smooth", "aug_smooth", "return_raw"),
-        )
-
-    def _impl(self, dynamic, x, target, key, *, static, method, grid, t, has_t, eigen_smooth, aug_smooth,
-              return_raw):
-        self.num_traces += 1
-        tap = self.tap.rebuild(static, dynamic)
-        res = compute_cam_normalized(tap, x, target, grid, t, has_t, method=method, eigen_smooth=eigen_smooth,
-                                     aug_smooth=aug_smooth, key=key, reshape_transform=self.reshape_transform)
-        return res if return_raw else res.cam
 
     def _run(self, method: CamMethod, input_tensor, targets, *, aug_smooth, eigen_smooth, return_raw, key):
-        x = _check_input(input_tensor)
-        target, grid, t, has_t = normalize_targets(targets, x.shape[0])
-        static, dynamic = self.tap.split()
-        if target is not None:
-            ck = (static, x.shape, x.dtype)
-            if ck not in self._out_shapes:
-                tap = self.tap
-                self._out_shapes[ck] = jax.eval_shape(lambda: tap.run(x)[0])
-            out = self._out_shapes[ck]
-            if hasattr(out, "shape"):
-                target.validate(tuple(out.shape[1:]))
+        tap = self.tap
+        static, dynamic = tap.split()
+
+        def output_struct(x):
+            return _OUTPUT_SHAPES.get((static, _aval(x)), lambda: jax.eval_shape(lambda: tap.run(x)[0]))
+
+        x, prepared = preflight(tap, input_tensor, targets, output_struct=output_struct)
         if method.needs_key and key is None:
             key = jax.random.fold_in(jax.random.key(self._seed), self._calls)
         self._calls += 1
-        return self._jitted(dynamic, x, target, key, static=static, method=method, grid=grid, t=t, has_t=has_t,
-                            eigen_smooth=bool(eigen_smooth), aug_smooth=bool(aug_smooth),
-                            return_raw=bool(return_raw))
+        fn = _compiled(tap, static, method, prepared, x, key is not None, eigen_smooth=bool(eigen_smooth),
+                       aug_smooth=bool(aug_smooth), return_raw=bool(return_raw),
+                       reshape_transform=self.reshape_transform)
+        before = _COMPILED.traces
+        out = fn(dynamic, x, prepared.target, key)
+        self.num_traces += _COMPILED.traces - before
+        return out
 
     def __call__(self, input_tensor: jax.Array, targets: Any = None, *, aug_smooth: bool = False,
                  eigen_smooth: bool = False, return_raw: bool = False,
@@ -127,29 +249,74 @@ class BaseCAM:
         return f"{type(self).__name__}(target_layers={list(self.target_layers)})"
 
 
-def _cam_class(name: str, method: str, doc: str) -> type[BaseCAM]:
-    cls = type(name, (BaseCAM,), {"method_name": method, "__doc__": doc + "\n\n    See :class:`BaseCAM`."})
-    cls.__module__ = __name__
-    return cls
+class GradCAM(BaseCAM):
+    """Grad-CAM (Selvaraju et al. 2017): channel weights = mean gradient. See :class:`BaseCAM`.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> w = jax.random.normal(jax.random.key(0), (4, 3))
+        >>> GradCAM((jnp.tanh, lambda a: a.mean((1, 2)) @ w))(jnp.ones((1, 5, 5, 4)), [2]).shape
+        (1, 5, 5)
+    """
+
+    method_name = "gradcam"
 
 
-GradCAM = _cam_class("GradCAM", "gradcam", "Grad-CAM (Selvaraju et al. 2017): channel weights = mean gradient.")
-HiResCAM = _cam_class("HiResCAM", "hirescam", "HiResCAM (Draelos & Carin 2020): sum_c grad * A.")
-GradCAMElementWise = _cam_class("GradCAMElementWise", "gradcamelementwise",
-                                "Element-wise Grad-CAM (grad-cam library): sum_c relu(grad * A).")
-GradCAMPlusPlus = _cam_class("GradCAMPlusPlus", "gradcam++",
-                             "Grad-CAM++ (Chattopadhyay et al. 2018), grad-cam's formula with eps 1e-6.")
-XGradCAM = _cam_class("XGradCAM", "xgradcam", "XGrad-CAM (Fu et al. 2020): weights sum(grad * A) / sum(A).")
-LayerCAM = _cam_class("LayerCAM", "layercam", "LayerCAM (Jiang et al. 2021): sum_c relu(grad) * A.")
-EigenCAM = _cam_class("EigenCAM", "eigencam",
-                      "Eigen-CAM (Muhammad & Yeasin 2020): first principal component of A (gradient-free).")
-EigenGradCAM = _cam_class("EigenGradCAM", "eigengradcam", "First principal component of grad * A.")
-ShapleyCAM = _cam_class("ShapleyCAM", "shapleycam",
-                        "ShapleyCAM (arXiv:2501.06261): weights mean(grad - 0.5 * H A), H A by jax.jvp of the "
-                        "gradient (forward-over-reverse Hessian-vector product).")
-RandomCAM = _cam_class("RandomCAM", "randomcam",
-                       "Random channel weights ~ U(-1, 1) per image, target and layer (a sanity baseline). The "
-                       "key is ``key=`` or derived from ``seed`` and the call count.")
+class HiResCAM(BaseCAM):
+    """HiResCAM (Draelos & Carin 2020): ``sum_c grad * A``. See :class:`BaseCAM` (example in :class:`GradCAM`)."""
+
+    method_name = "hirescam"
+
+
+class GradCAMElementWise(BaseCAM):
+    """Element-wise Grad-CAM (grad-cam library): ``sum_c relu(grad * A)``. See :class:`BaseCAM`."""
+
+    method_name = "gradcamelementwise"
+
+
+class GradCAMPlusPlus(BaseCAM):
+    """Grad-CAM++ (Chattopadhyay et al. 2018), grad-cam's formula with eps 1e-6. See :class:`BaseCAM`."""
+
+    method_name = "gradcam++"
+
+
+class XGradCAM(BaseCAM):
+    """XGrad-CAM (Fu et al. 2020): weights ``sum(grad * A) / sum(A)``. See :class:`BaseCAM`."""
+
+    method_name = "xgradcam"
+
+
+class LayerCAM(BaseCAM):
+    """LayerCAM (Jiang et al. 2021): ``sum_c relu(grad) * A``. See :class:`BaseCAM`."""
+
+    method_name = "layercam"
+
+
+class EigenCAM(BaseCAM):
+    """Eigen-CAM (Muhammad & Yeasin 2020): first principal component of ``A`` (gradient-free). See
+    :class:`BaseCAM`."""
+
+    method_name = "eigencam"
+
+
+class EigenGradCAM(BaseCAM):
+    """First principal component of ``grad * A``. See :class:`BaseCAM`."""
+
+    method_name = "eigengradcam"
+
+
+class ShapleyCAM(BaseCAM):
+    """ShapleyCAM (arXiv:2501.06261): weights ``mean(grad - 0.5 * H A)``, ``H A`` by ``jax.jvp`` of the gradient
+    (forward-over-reverse Hessian-vector product). See :class:`BaseCAM`."""
+
+    method_name = "shapleycam"
+
+
+class RandomCAM(BaseCAM):
+    """Random channel weights ~ U(-1, 1) per image, target and layer (a sanity baseline). The key is ``key=``
+    or derived from ``seed`` and the call count. See :class:`BaseCAM`."""
+
+    method_name = "randomcam"
 
 
 class FinerCAM(BaseCAM):
@@ -170,16 +337,14 @@ class FinerCAM(BaseCAM):
                  reshape_transform: Callable | None = None, seed: int = 0, **tap_kwargs: Any):
         super().__init__(model, target_layers, reshape_transform=reshape_transform, seed=seed, **tap_kwargs)
         self.base_method = base_method.method_name if isinstance(base_method, type) else base_method
-        self._finer: dict[Any, CamMethod] = {}
+        get_method(self.base_method)  # an unknown base method fails here, not at the first call
 
     def __call__(self, input_tensor: jax.Array, targets: Any = None, *, eigen_smooth: bool = False,
                  alpha: float = 1.0, comparison_categories: Any = None, target_idx: int | None = None,
                  aug_smooth: bool = False, return_raw: bool = False,
                  key: jax.Array | None = None) -> jax.Array | CamResult:
         comp = None if comparison_categories is None else tuple(int(c) for c in comparison_categories)
-        ck = (float(alpha), comp, target_idx)
-        if ck not in self._finer:
-            self._finer[ck] = finer_cam(base_method=self.base_method, alpha=alpha, comparison_categories=comp,
-                                        target_idx=target_idx)
-        return self._run(self._finer[ck], input_tensor, targets, aug_smooth=aug_smooth,
+        method = finer_cam(base_method=self.base_method, alpha=alpha, comparison_categories=comp,
+                           target_idx=target_idx)  # equal by value: same options, same compiled function
+        return self._run(method, input_tensor, targets, aug_smooth=aug_smooth,
                          eigen_smooth=eigen_smooth, return_raw=return_raw, key=key)

@@ -16,10 +16,10 @@ import jax.numpy as jnp
 
 from flax_attn.cam.methods import CamInputs, CamMethod, get_method
 from flax_attn.cam.postprocess import aggregate_layers, resize_maps, scale_cam
-from flax_attn.cam.targets import CallableGrid, ClassifierOutputTarget, Target, normalize_targets
+from flax_attn.cam.targets import CallableGrid, ClassifierOutputTarget, PreparedTargets, Target, normalize_targets
 from flax_attn.cam.taps import Tap
 
-__all__ = ["AUG_TRANSFORMS", "CamResult", "compute_cam"]
+__all__ = ["AUG_TRANSFORMS", "CamResult", "check_images", "compute_cam", "compute_cam_prepared", "preflight"]
 
 #: grad-cam's default test-time augmentations (ttach ``Compose([HorizontalFlip(), Multiply([0.9, 1, 1.1])])``,
 #: in ttach's order): (horizontal flip, factor).
@@ -76,7 +76,8 @@ def _per_target(fn, target: Target | None, grid: CallableGrid | None):
 
 
 def _gradients(tap: Tap, x, method: CamMethod, target, grid):
-    """One forward pass; returns (output, acts, grads (T,B,...) per layer or None, hvp or None, target)."""
+    """One forward pass; returns (output, acts, grads (T,B,...) per layer or None, hvp or None, scores (T, B)
+    or None)."""
     shapes = jax.eval_shape(lambda: tap.run(x))[1]
     zeros = [jnp.zeros(s.shape, s.dtype) for s in shapes]
 
@@ -85,26 +86,28 @@ def _gradients(tap: Tap, x, method: CamMethod, target, grid):
 
     if not method.uses_gradients and not method.needs_hvp:
         output, acts = fwd(None)  # targets are not used by gradient-free methods
-        return output, acts, None, None, target
+        return output, acts, None, None, None
 
     output, vjp_fn, acts = jax.vjp(fwd, zeros, has_aux=True)
     if target is None and grid is None:
         target = (method.default_targets or _default_target)(jax.lax.stop_gradient(output))
-        target, _, _ = target._broadcast(output.shape[0])
+        target, _, _ = target.broadcast(output.shape[0])
     # everything below stays differentiable (jax.grad of a CAM w.r.t. inputs or parameters is exact,
     # second-order terms of non-linear targets included)
     if not method.needs_hvp:
         def grads_for(tcol):
-            ct = jax.grad(lambda o: jnp.sum(_scores(tcol, o)))(output)
-            return vjp_fn(ct)[0]
+            ct, s = jax.grad(lambda o: (jnp.sum(sc := _scores(tcol, o)), sc), has_aux=True)(output)
+            return vjp_fn(ct)[0], s
 
-        return output, acts, _per_target(grads_for, target, grid), None, target
+        grads, scores = _per_target(grads_for, target, grid)
+        return output, acts, grads, None, scores
 
     def grads_hvp_for(tcol):
         def loss(probes):
             return jnp.sum(_scores(tcol, fwd(probes)[0]))
 
         gs, hs = [], []
+        s = _scores(tcol, output)
         for i in range(len(zeros)):
             def grad_i(p_i, i=i):
                 probes = list(zeros)
@@ -114,14 +117,17 @@ def _gradients(tap: Tap, x, method: CamMethod, target, grid):
             g, h = jax.jvp(grad_i, (zeros[i],), (acts[i],))
             gs.append(g)
             hs.append(h)
-        return gs, hs
+        return gs, hs, s
 
-    grads, hvps = _per_target(grads_hvp_for, target, grid)
-    return output, acts, grads, hvps, target
+    grads, hvps, scores = _per_target(grads_hvp_for, target, grid)
+    return output, acts, grads, hvps, scores
 
 
 def _cam_single_view(tap, x, method, target, grid, t, eigen_smooth, key, reshape_transform=None):
-    output, acts, grads, hvps, target = _gradients(tap, x, method, target, grid)
+    output, acts, grads, hvps, scores = _gradients(tap, x, method, target, grid)
+    # a NaN score (an out-of-range class that could only be checked under tracing, or a NaN output) makes
+    # the maps of that image and target NaN: its gradient alone would be zero and look like a result
+    poison = None if scores is None else jnp.where(jnp.isnan(jnp.moveaxis(scores, 0, 1)), jnp.nan, 0.0)
     if reshape_transform is not None:  # e.g. ViT tokens (B, N, C) -> (B, h, w, C), as grad-cam's option
         acts = [reshape_transform(a) for a in acts]
         grads = None if grads is None else [jax.vmap(reshape_transform)(g) for g in grads]
@@ -133,9 +139,7 @@ def _cam_single_view(tap, x, method, target, grid, t, eigen_smooth, key, reshape
         g = None if grads is None else jnp.moveaxis(grads[li], 0, 1)  # (B, T, ...)
         h = None if hvps is None else jnp.moveaxis(hvps[li], 0, 1)
         keys = None
-        if method.needs_key:
-            if key is None:
-                raise ValueError(f"method {method.name!r} is random: pass key=jax.random.key(...)")
+        if method.needs_key:  # compute_cam_prepared has checked that a key was given
             keys = jax.random.split(jax.random.fold_in(key, li), (b, t))
 
         def one(a1, g1, h1, k1):
@@ -148,6 +152,8 @@ def _cam_single_view(tap, x, method, target, grid, t, eigen_smooth, key, reshape
         else:  # gradient-free and deterministic: one map per image, shared by its targets
             raw = jax.vmap(lambda a1: one(a1, None, None, None))(a)[:, None]
             raw = jnp.broadcast_to(raw, (b, t) + raw.shape[2:])
+        if poison is not None:
+            raw = raw + poison.astype(raw.dtype).reshape(poison.shape + (1,) * (raw.ndim - 2))
         raws.append(raw)
         spatial = raw.ndim - 2
         cams.append(resize_maps(scale_cam(jnp.maximum(raw, 0), spatial_ndim=spatial), size))
@@ -195,29 +201,69 @@ def compute_cam(
         (2, 5, 6)
     """
     method = get_method(method)
-    x = _check_input(x)
-    target, grid, t, has_t = normalize_targets(targets, x.shape[0])
-    if target is not None:
-        out_shape = jax.eval_shape(lambda: tap.run(x)[0])
-        if hasattr(out_shape, "shape"):
-            target.validate(tuple(out_shape.shape[1:]))
-    return compute_cam_normalized(tap, x, target, grid, t, has_t, method=method, eigen_smooth=eigen_smooth,
-                                  aug_smooth=aug_smooth, key=key, reshape_transform=reshape_transform)
+    x, prepared = preflight(tap, x, targets)
+    return compute_cam_prepared(tap, x, prepared, method=method, eigen_smooth=eigen_smooth, aug_smooth=aug_smooth,
+                                key=key, reshape_transform=reshape_transform)
 
 
-def _check_input(x: Any) -> jax.Array:
+def check_images(x: Any) -> jax.Array:
+    """``x`` as a floating-point, channels-last, non-empty image batch ``(B, *spatial, C)``, or a clear error.
+
+    Example:
+        >>> check_images(jnp.ones((1, 4, 4, 3))).shape
+        (1, 4, 4, 3)
+    """
     if not hasattr(x, "ndim") or x.ndim < 3:
         raise ValueError(f"x: expected channels-last images (B, H, W, C), got {getattr(x, 'shape', type(x))}")
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"x: expected a floating-point image batch, got dtype {x.dtype}")
+    if x.shape[0] == 0:
+        raise ValueError(f"x: empty batch, got shape {x.shape}: a CAM needs at least one image (B >= 1)")
+    if 0 in x.shape[1:]:
+        raise ValueError(f"x: expected non-empty images (B, H, W, C) with H, W, C >= 1, got shape {x.shape}")
     return x
 
 
-def compute_cam_normalized(tap: Tap, x: jax.Array, target: Target | None, grid: CallableGrid | None, t: int,
-                           has_t: bool, *, method: CamMethod, eigen_smooth: bool, aug_smooth: bool,
-                           key: jax.Array | None, reshape_transform: Callable | None = None) -> CamResult:
-    """:func:`compute_cam` after :func:`normalize_targets` (used by the jitted object API)."""
+_check_input = check_images  # former private name, still imported by flax_attn.cam.detection
+
+
+def preflight(tap: Tap, x: Any, targets: Any, *,
+              output_struct: Callable[[jax.Array], Any] | None = None) -> tuple[jax.Array, PreparedTargets]:
+    """What every CAM entry point checks before computing: the images (:func:`check_images`), the targets
+    (:func:`~flax_attn.cam.targets.normalize_targets`), and concrete class indices against the model's
+    output shape (``output_struct(x)``, default ``jax.eval_shape`` of the tap; the class API passes a cached
+    one). Traced class indices are checked inside the computation instead (NaN maps).
+
+    Example:
+        >>> from flax_attn.cam import FunctionTap
+        >>> tap = FunctionTap(jnp.tanh, lambda a: a.mean((1, 2)))
+        >>> x, p = preflight(tap, jnp.ones((2, 3, 3, 4)), [1, 3])
+        >>> p.target.category.shape
+        (2, 1)
+    """
+    x = check_images(x)
+    prepared = normalize_targets(targets, x.shape[0])
+    if prepared.target is not None:
+        out = (output_struct or (lambda x: jax.eval_shape(lambda: tap.run(x)[0])))(x)
+        if hasattr(out, "shape"):
+            prepared.target.validate(tuple(out.shape[1:]))
+    return x, prepared
+
+
+def compute_cam_prepared(tap: Tap, x: jax.Array, prepared: PreparedTargets, *, method: CamMethod,
+                         eigen_smooth: bool = False, aug_smooth: bool = False, key: jax.Array | None = None,
+                         reshape_transform: Callable | None = None) -> CamResult:
+    """:func:`compute_cam` after :func:`preflight` (the jitted class API calls this inside its jit).
+
+    Example:
+        >>> from flax_attn.cam import FunctionTap, get_method
+        >>> tap = FunctionTap(jnp.tanh, lambda a: a.mean((1, 2)))
+        >>> x, p = preflight(tap, jnp.ones((2, 3, 3, 4)), [1, 3])
+        >>> compute_cam_prepared(tap, x, p, method=get_method("gradcam")).cam.shape
+        (2, 3, 3)
+    """
+    target, grid, t, has_t = prepared
     b = x.shape[0]
     if method.needs_key and key is None:
         raise ValueError(f"method {method.name!r} is random: pass key=jax.random.key(...)")

@@ -33,49 +33,54 @@ def jet_colormap() -> np.ndarray:
     return np.stack([r, g, b], axis=1).astype(np.uint8)
 
 
-def _to_uint8(v: jax.Array) -> jax.Array:
+def _to_uint8(v: Any, xp: Any) -> Any:
     # np.uint8(float) truncates toward zero; inputs here are in [0, 255]
-    return jnp.floor(jnp.clip(v, 0, 255)).astype(jnp.uint8)
+    return xp.floor(xp.clip(v, 0, 255)).astype(xp.uint8)
 
 
 def show_cam_on_image(img: Any, mask: Any, use_rgb: bool = False, colormap: Any = "jet",
-                      image_weight: float = 0.5) -> jax.Array:
-    """Overlay a CAM on an image, grad-cam's ``show_cam_on_image`` formula, batched and jittable.
+                      image_weight: float = 0.5) -> np.ndarray:
+    """Overlay a CAM on an image with grad-cam's ``show_cam_on_image`` formula, batched; a NumPy ``uint8`` image.
 
     ``heat = JET[uint8(255 * mask)] / 255`` (BGR unless ``use_rgb``), ``cam = (1 - w) * heat + w * img``,
     ``uint8(255 * cam / max(cam))``. ``img``: float in [0, 1], ``(..., H, W, 3)``; ``mask``: ``(..., H, W)``
-    in [0, 1]. ``colormap``: ``"jet"``/``2`` (``cv2.COLORMAP_JET``) or your own ``(256, 3)`` uint8 RGB table.
-    Returns uint8 ``(..., H, W, 3)`` (the max is taken per image).
+    in [0, 1] (NumPy or JAX arrays). ``colormap``: ``"jet"``/``2`` (``cv2.COLORMAP_JET``) or your own
+    ``(256, 3)`` uint8 RGB table. Returns a host ``np.ndarray`` of dtype uint8 ``(..., H, W, 3)`` (the max
+    is taken per image), as grad-cam does, ready for ``PIL.Image.fromarray`` or ``cv2.imencode``. Inside
+    ``jax.jit`` (traced inputs) the same formula is traced and a ``jax.Array`` comes back.
 
     Example:
-        >>> import jax.numpy as jnp
-        >>> show_cam_on_image(jnp.full((4, 4, 3), 0.5), jnp.zeros((4, 4)), use_rgb=True)[0, 0].tolist()
+        >>> import numpy as np
+        >>> show_cam_on_image(np.full((4, 4, 3), 0.5), np.zeros((4, 4)), use_rgb=True)[0, 0].tolist()
         [127, 127, 255]
     """
-    img = jnp.asarray(img, jnp.float32)
-    mask = jnp.asarray(mask, jnp.float32)
+    traced = isinstance(img, jax.core.Tracer) or isinstance(mask, jax.core.Tracer)
+    xp: Any = jnp if traced else np
+    img = xp.asarray(img, xp.float32)
+    mask = xp.asarray(mask, xp.float32)
     if img.ndim < 3 or img.shape[-1] != 3:
         raise ValueError(f"img: expected (..., H, W, 3) floats in [0, 1], got shape {img.shape}")
     try:
-        shape = jnp.broadcast_shapes(img.shape[:-1], mask.shape)
+        shape = np.broadcast_shapes(img.shape[:-1], mask.shape)
     except ValueError:
         raise ValueError(f"mask: expected shape {img.shape[:-1]} (img without its colour axis), got {mask.shape}") from None
-    img, mask = jnp.broadcast_to(img, shape + (3,)), jnp.broadcast_to(mask, shape)
+    img, mask = xp.broadcast_to(img, shape + (3,)), xp.broadcast_to(mask, shape)
     if not 0.0 <= float(image_weight) <= 1.0:
         raise ValueError(f"image_weight should be in the range [0, 1], got {image_weight}")
-    if not isinstance(img, jax.core.Tracer) and float(jnp.max(img)) > 1:
-        raise ValueError(f"img: expected np.float32 values in the range [0, 1], got max {float(jnp.max(img))}")
+    if not traced and img.size and float(np.max(img)) > 1:
+        raise ValueError(f"img: expected np.float32 values in the range [0, 1], got max {float(np.max(img))}")
     if isinstance(colormap, str) and colormap.lower() == "jet" or (isinstance(colormap, int) and colormap == 2):
         lut = jet_colormap()
     else:
         lut = np.asarray(colormap)
         if lut.shape != (256, 3):
             raise ValueError(f"colormap: expected 'jet', 2 (cv2.COLORMAP_JET) or a (256, 3) RGB table, got {colormap!r}")
-    lut = jnp.asarray(lut if use_rgb else lut[:, ::-1])
-    heat = lut[_to_uint8(255 * mask).astype(jnp.int32)].astype(jnp.float32) / 255
-    cam = (1 - image_weight) * heat + image_weight * img
-    cam = cam / jnp.max(cam, axis=(-3, -2, -1), keepdims=True)
-    return _to_uint8(255 * cam)
+    lut = xp.asarray(lut if use_rgb else lut[:, ::-1])
+    heat = lut[_to_uint8(255 * mask, xp).astype(xp.int32)].astype(xp.float32) / 255
+    w = float(image_weight)  # a Python scalar, as grad-cam: the arithmetic stays float32
+    cam = (1 - w) * heat + w * img
+    cam = cam / xp.max(cam, axis=(-3, -2, -1), keepdims=True)
+    return _to_uint8(255 * cam, xp)
 
 
 def plot_cam_grid(images: Any, cams: Any, *, row_titles: Sequence[str] | None = None,
@@ -101,7 +106,7 @@ def plot_cam_grid(images: Any, cams: Any, *, row_titles: Sequence[str] | None = 
         raise ValueError(f"expected images (B, H, W, 3) and cams (B, [T,] H, W) of the same B, H, W; got "
                          f"{images.shape} and {cams.shape}")
     b, t = cams.shape[:2]
-    overlays = np.asarray(show_cam_on_image(images[:, None], cams, use_rgb=True, image_weight=image_weight))
+    overlays = show_cam_on_image(images[:, None], cams, use_rgb=True, image_weight=image_weight)
     fig, axes = plt.subplots(b, t + 1, figsize=(cell_size * (t + 1), cell_size * b), squeeze=False)
     for i in range(b):
         axes[i, 0].imshow(images[i])

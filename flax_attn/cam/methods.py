@@ -69,10 +69,10 @@ def register_method(method: CamMethod) -> CamMethod:
 
 
 def list_methods() -> list[str]:
-    """Names of the registered methods.
+    """Names of the registered methods, every one of them accepted by :func:`get_method`.
 
     Example:
-        >>> "gradcam++" in list_methods()
+        >>> {"gradcam++", "finercam"} <= set(list_methods())
         True
     """
     return sorted(_METHODS)
@@ -92,10 +92,10 @@ def get_method(name: str | CamMethod, **options: Any) -> CamMethod:
     if not isinstance(name, str):
         raise TypeError(f"method: expected a name or a CamMethod, got {type(name).__name__}")
     key = name.lower()
-    if key == "finercam":
-        return finer_cam(**options)
     if key not in _METHODS:
-        raise ValueError(f"unknown CAM method {name!r}; available: {list_methods() + ['finercam']}")
+        raise ValueError(f"unknown CAM method {name!r}; available: {list_methods()}")
+    if key == "finercam" and options:
+        return finer_cam(**options)
     if options:
         raise ValueError(f"method {name!r} takes no options, got {sorted(options)}")
     return _METHODS[key]
@@ -203,12 +203,26 @@ def finer_cam(*, base_method: str | CamMethod = "gradcam", alpha: float = 1.0,
     """
     base = get_method(base_method)
     comp = None if comparison_categories is None else tuple(int(c) for c in comparison_categories)
-
-    def default_targets(output):
-        return finer_default_targets(output, alpha=alpha, comparison_categories=comp, target_idx=target_idx)
-
+    defaults = FinerDefaultTargets(float(alpha), comp, None if target_idx is None else int(target_idx))
     return dataclasses.replace(
-        base, name="finercam", default_targets=default_targets,
-        options=(("base", base.name), ("alpha", float(alpha)), ("comparison_categories", comp),
-                 ("target_idx", target_idx)),
+        base, name="finercam", default_targets=defaults,
+        options=(("base", base.name), ("alpha", defaults.alpha), ("comparison_categories", comp),
+                 ("target_idx", defaults.target_idx)),
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class FinerDefaultTargets:
+    """:func:`finer_default_targets` with its options bound, equal (and hashing equal) by value: two
+    FinerCAM methods with the same options are the same jit cache key."""
+
+    alpha: float = 1.0
+    comparison_categories: tuple[int, ...] | None = None
+    target_idx: int | None = None
+
+    def __call__(self, output: jax.Array) -> Any:
+        return finer_default_targets(output, alpha=self.alpha, comparison_categories=self.comparison_categories,
+                                     target_idx=self.target_idx)
+
+
+FINERCAM = register_method(finer_cam())

@@ -23,14 +23,18 @@ A target layer must be called exactly once per forward pass; otherwise a ``Value
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-__all__ = ["FunctionTap", "LinenTap", "NNXTap", "Tap", "make_tap"]
+__all__ = ["FunctionTap", "LinenTap", "NNXTap", "Tap", "make_tap", "structural_key"]
 
 Probes = Sequence[jax.Array] | None
 
@@ -55,14 +59,102 @@ class Tap:
         return static
 
 
-def _check_layers(layers: Any) -> tuple[str, ...]:
-    if isinstance(layers, str):
+def _check_layers(layers: Any, resolve: Callable[[int, Any], str] | None = None) -> tuple[str, ...]:
+    """Path strings; module objects (grad-cam's ``[model.layer4]``) go through ``resolve(index, obj)``."""
+    if isinstance(layers, str) or not isinstance(layers, (list, tuple)):
         layers = [layers]
-    if not isinstance(layers, (list, tuple)) or not layers or not all(isinstance(p, str) for p in layers):
-        raise TypeError(f"target_layers: expected a non-empty list of path strings, got {layers!r}")
-    if len(set(layers)) != len(layers):
-        raise ValueError(f"target_layers: duplicate paths in {list(layers)}")
-    return tuple(layers)
+    out = []
+    for i, p in enumerate(layers):
+        if not isinstance(p, str):
+            if resolve is None:
+                raise TypeError(f"target_layers[{i}]: expected a path string such as 'layer4', got "
+                                f"{type(p).__name__}")
+            p = resolve(i, p)
+        out.append(p)
+    if not out:
+        raise TypeError("target_layers: expected a non-empty list of paths such as ['layer4'], got an empty list")
+    if len(set(out)) != len(out):
+        raise ValueError(f"target_layers: duplicate paths in {out}")
+    return tuple(out)
+
+
+class _Id:
+    """Hashable by identity; holds a reference, so the id cannot be reused while a cache keeps the key."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any):
+        self.obj = obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, _Id) and other.obj is self.obj
+
+
+_SMALL_ARRAY = 1024  # constants up to this many elements are keyed by value, larger ones by identity
+
+
+def structural_key(obj: Any, _depth: int = 0) -> Any:
+    """A hashable key equal for objects that behave the same under tracing (the CAM compile-cache key).
+
+    Plain values by value; tuples, lists and dicts element-wise; functions by their code, defaults and the
+    keys of their closure cells (so ``lambda o: o[c]`` rebuilt with the same ``c`` is the same key);
+    ``functools.partial`` and bound methods by their parts; dataclasses (the CAM targets) by type and
+    fields; small concrete arrays by value; objects with their own ``__eq__``/``__hash__`` by themselves;
+    anything else (and tracers) by identity. As with ``jax.jit``, a function's globals and the contents of
+    mutable objects it closes over are read when it is traced, not compared.
+
+    Example:
+        >>> structural_key(lambda o: o[3]) == structural_key(lambda o: o[3])
+        True
+    """
+    if _depth > 8:
+        return ("id", _Id(obj))
+    d = _depth + 1
+    if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes)):
+        return ("v", type(obj), obj)
+    if isinstance(obj, (tuple, list)):
+        return ("seq", type(obj), tuple(structural_key(v, d) for v in obj))
+    if isinstance(obj, dict):
+        try:
+            items = sorted(obj.items())
+        except TypeError:
+            return ("id", _Id(obj))
+        return ("dict", tuple((k, structural_key(v, d)) for k, v in items))
+    if isinstance(obj, jax.core.Tracer):
+        return ("id", _Id(obj))
+    if isinstance(obj, (jax.Array, np.ndarray, np.generic)):
+        if obj.size <= _SMALL_ARRAY:
+            a = np.asarray(obj)
+            return ("array", a.shape, str(a.dtype), a.tobytes())
+        return ("id", _Id(obj))
+    if isinstance(obj, types.FunctionType):
+        cells = []
+        for c in obj.__closure__ or ():
+            try:
+                v = c.cell_contents
+            except ValueError:  # an empty cell
+                v = None
+            cells.append(structural_key(v, d))
+        return ("fn", obj.__code__, _Id(obj.__globals__), structural_key(obj.__defaults__, d),
+                structural_key(obj.__kwdefaults__, d), tuple(cells))
+    if isinstance(obj, functools.partial):
+        return ("partial", structural_key(obj.func, d), structural_key(obj.args, d),
+                structural_key(obj.keywords, d))
+    if isinstance(obj, types.MethodType):
+        return ("method", structural_key(obj.__func__, d), structural_key(obj.__self__, d))
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return ("dataclass", type(obj),
+                tuple((f.name, structural_key(getattr(obj, f.name), d)) for f in dataclasses.fields(obj)))
+    if type(obj).__eq__ is not object.__eq__ and type(obj).__hash__ is not None:
+        try:
+            hash(obj)
+            return ("obj", type(obj), obj)
+        except TypeError:
+            pass
+    return ("id", _Id(obj))
 
 
 def _add_probe(path: str, y: Any, probe: jax.Array | None, sink: dict[str, jax.Array]) -> jax.Array:
@@ -132,9 +224,26 @@ def _resolve(model: Any, path: str) -> tuple[Any, Any, Any]:
                 f"{nnx_module_paths(model) if isinstance(model, nnx.Module) else '?'}"
             )
         obj = nxt
-    if parent is None:
-        raise ValueError(f"unknown target layer path {path!r}: the model itself cannot be a target layer")
     return parent, key, obj
+
+
+def nnx_path_of(model: nnx.Module, layer: Any, index: int = 0) -> str:
+    """The dotted path of the submodule object ``layer`` in ``model`` (grad-cam's ``[model.layer4]``).
+
+    Example:
+        >>> from flax import nnx
+        >>> m = nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+        >>> nnx_path_of(m, m.layers[0])
+        '0'
+    """
+    for p in nnx_module_paths(model):
+        if _resolve(model, p)[2] is layer:
+            return p
+    if layer is model:
+        raise ValueError(f"target_layers[{index}]: the model itself cannot be a target layer; pass a submodule "
+                         "path such as 'layer4'")
+    raise ValueError(f"target_layers[{index}]: this {type(layer).__name__} is not a submodule of the model; pass "
+                     f"a path string such as 'layer4' (available: {nnx_module_paths(model)[:12]} ...)")
 
 
 class _Probe:
@@ -167,7 +276,7 @@ class NNXTap(Tap):
         if not isinstance(model, nnx.Module):
             raise TypeError(f"NNXTap: expected a flax.nnx.Module, got {type(model).__name__}")
         self.model = model
-        self.layers = _check_layers(target_layers)
+        self.layers = _check_layers(target_layers, lambda i, obj: nnx_path_of(model, obj, i))
         for p in self.layers:
             _resolve(model, p)
         self.call = call
@@ -206,8 +315,11 @@ class NNXTap(Tap):
 
 
 class _NNXStatic:
+    """The jit cache key of an NNX tap: equal for taps of models with the same structure (graphdef), paths,
+    ``call`` and mode, whichever objects they are (a new CAM object on the same model shares compilations)."""
+
     def __init__(self, graphdef, layers, call, eval_mode):
-        self.key = (graphdef, layers, call, eval_mode)
+        self.key = (graphdef, layers, structural_key(call), eval_mode)
         self.graphdef, self.layers, self.call, self.eval_mode = graphdef, layers, call, eval_mode
         self._hash = hash(self.key)
 
@@ -256,7 +368,11 @@ class LinenTap(Tap):
         if not isinstance(module, nn.Module):
             raise TypeError(f"LinenTap: expected a flax.linen.Module, got {type(module).__name__}")
         self.module, self.variables = module, variables
-        self.layers = tuple(p.replace(".", "/") for p in _check_layers(target_layers))
+        def not_an_object(i: int, obj: Any) -> str:
+            raise TypeError(f"target_layers[{i}]: a Linen submodule cannot be located by object "
+                            f"({type(obj).__name__}); pass its path string, e.g. 'layer4' or 'stage2/block1'")
+
+        self.layers = tuple(p.replace(".", "/") for p in _check_layers(target_layers, not_an_object))
         self.apply_kwargs = dict(apply_kwargs or {})
         self.method = method
 
@@ -282,22 +398,37 @@ class LinenTap(Tap):
                 y = _add_probe(path, y, None if probes is None else probes[index[path]], sink)
             return y
 
+        from flax.errors import ModifyScopeVariableError
+
         with nn.intercept_methods(interceptor):
             kw = dict(self.apply_kwargs)
             if self.method is not None:
                 kw["method"] = self.method
-            out = self.module.apply(variables, x, **kw)
+            try:
+                out = self.module.apply(variables, x, **kw)
+            except ModifyScopeVariableError as e:
+                raise ValueError(
+                    f"the Linen model tried to update a variable while being explained ({e.__class__.__name__}): "
+                    "it runs in training mode (BatchNorm statistics); pass the flag that selects eval mode, "
+                    "e.g. apply_kwargs={'train': False} (GradCAM((module, variables), [...], "
+                    "apply_kwargs={'train': False}))"
+                ) from None
         missing = [p for p in self.layers if p not in sink]
         if missing:
             raise ValueError(f"unknown target layer path(s) {missing}; available paths: {sorted(set(seen))}")
         return out, [sink[p] for p in self.layers]
 
     def split(self):
-        return _Identity(self), self.variables
+        static = getattr(self, "_static", None)
+        if static is None:
+            key = structural_key((type(self), self.module, self.layers, self.apply_kwargs, self.method))
+            bare = object.__new__(LinenTap)  # the same tap without its variables: a cache key holds no weights
+            bare.__dict__.update(self.__dict__, variables=None)
+            static = self._static = _KeyedStatic(key, bare)
+        return static, self.variables
 
     def rebuild(self, static, dynamic):
-        tap = static.obj
-        return _BoundLinen(tap, dynamic)
+        return _BoundLinen(static.tap, dynamic)
 
 
 class _BoundLinen(Tap):
@@ -308,17 +439,19 @@ class _BoundLinen(Tap):
         return self.tap._run(self.variables, x, probes)
 
 
-class _Identity:
-    """Hashable by identity (jit cache key for taps whose structure lives in Python objects)."""
+class _KeyedStatic:
+    """The jit cache key of a tap whose structure lives in Python objects: equal for taps built from
+    equal parts (:func:`structural_key`); ``tap`` is the first such tap, used to rebuild inside jit."""
 
-    def __init__(self, obj):
-        self.obj = obj
+    def __init__(self, key: Any, tap: Tap):
+        self.key, self.tap, self._hash = key, tap, hash(key)
 
-    def __hash__(self):
-        return id(self.obj)
+    def __hash__(self) -> int:
+        return self._hash
 
-    def __eq__(self, other):
-        return isinstance(other, _Identity) and other.obj is self.obj
+    def __eq__(self, other: Any) -> bool:
+        return self is other or (isinstance(other, _KeyedStatic) and self._hash == other._hash
+                                 and self.key == other.key)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -348,10 +481,14 @@ class FunctionTap(Tap):
         return self.head(a), [a]
 
     def split(self):
-        return _Identity(self), ()
+        static = getattr(self, "_static", None)
+        if static is None:
+            static = self._static = _KeyedStatic(
+                structural_key((type(self), self.features, self.head, self.layers)), self)
+        return static, ()
 
     def rebuild(self, static, dynamic):
-        return static.obj
+        return static.tap
 
 
 def make_tap(model: Any, target_layers: Sequence[str] | None = None, **kwargs: Any) -> Tap:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,7 @@ __all__ = [
     "ClassifierOutputSoftmaxTarget",
     "ClassifierOutputTarget",
     "FinerWeightedTarget",
+    "PreparedTargets",
     "RawScoresOutputTarget",
     "SemanticSegmentationTarget",
     "SoftmaxOutputTarget",
@@ -33,9 +34,14 @@ __all__ = [
 
 
 def _take(o: jax.Array, c: jax.Array) -> jax.Array:
-    # mode="fill": an out-of-range class that could not be checked (traced under the user's jit) gives NaN
-    # instead of jnp's silent clamping.
-    return jnp.take(o, c, axis=-1, mode="fill", fill_value=jnp.nan)
+    """``o[..., c]`` with a checked index: a class outside ``[0, K)`` that could not be checked eagerly (traced
+    under the user's jit) gives NaN, never a clamped or wrapped class (``jnp.take``'s ``mode="fill"`` alone
+    still wraps ``-1`` to ``K - 1``). The engine turns a NaN score into NaN maps."""
+    c = jnp.asarray(c)
+    k = o.shape[-1]
+    ok = (c >= 0) & (c < k)
+    val = jnp.take(o, jnp.where(ok, c, 0), axis=-1)
+    return jnp.where(ok, val, jnp.asarray(jnp.nan, o.dtype))
 
 
 class Target:
@@ -62,7 +68,7 @@ class Target:
         leaf = jnp.shape(getattr(self, self._primary))
         return tuple(leaf[: len(leaf) - self._event_ndim[self._primary]])
 
-    def _broadcast(self, batch: int) -> tuple[Target, int, bool]:
+    def broadcast(self, batch: int) -> tuple[Target, int, bool]:
         """Leaves reshaped to ``(B, T, *event)``; returns (target, T, whether a target axis was given)."""
         bs = self.batch_shape()
         name = type(self).__name__
@@ -77,17 +83,15 @@ class Target:
         lead = (batch, t)
         fields = {}
         for f, e in self._event_ndim.items():
-            leaf = jnp.asarray(getattr(self, f))
-            # explicit dtype: no weak types, so ints from Python and from arrays share one jit cache entry
-            leaf = jnp.asarray(leaf, dtype=jnp.int32 if jnp.issubdtype(leaf.dtype, jnp.integer) else leaf.dtype)
+            leaf, xp = _as_leaf(getattr(self, f))
             leaf_bs = leaf.shape[: leaf.ndim - e]
             event = leaf.shape[leaf.ndim - e:]
             if leaf_bs == bs and len(bs) == 1:
-                leaf = jnp.broadcast_to(leaf.reshape((batch, 1) + event), lead + event)
+                leaf = xp.broadcast_to(leaf.reshape((batch, 1) + event), lead + event)
             elif leaf_bs == bs and len(bs) == 2:
                 pass
             elif leaf_bs == ():
-                leaf = jnp.broadcast_to(leaf, lead + event)
+                leaf = xp.broadcast_to(leaf, lead + event)
             else:
                 raise ValueError(
                     f"{name}.{f}: batch axes {leaf_bs} do not match {self._primary!r}'s {bs} (expected {bs} or ())"
@@ -97,6 +101,23 @@ class Target:
 
     def validate(self, output_shape: tuple[int, ...]) -> None:
         """Checks concrete class indices against the per-example output shape (no-op on traced values)."""
+
+
+def _as_leaf(value: Any) -> tuple[Any, Any]:
+    """A target field as an array and the array module to reshape it with.
+
+    Class indices that are not traced stay NumPy (int32), so that they can still be checked against the
+    output size when the engine itself runs under the user's ``jax.jit`` (a ``jnp`` op there would turn
+    them into tracers); traced values and floating fields (masks, weights) stay ``jnp``. The dtype is
+    explicit (no weak types): ints from Python and from arrays share one jit cache entry.
+    """
+    if isinstance(value, jax.core.Tracer):
+        leaf = jnp.asarray(value)
+        return (leaf.astype(jnp.int32) if jnp.issubdtype(leaf.dtype, jnp.integer) else leaf), jnp
+    arr = np.asarray(value) if not isinstance(value, jax.Array) else value
+    if np.issubdtype(arr.dtype, np.integer):
+        return np.asarray(arr).astype(np.int32), np
+    return jnp.asarray(arr), jnp
 
 
 def _check_classes(name: str, field: str, value: Any, num_classes: int) -> None:
@@ -300,6 +321,20 @@ class CallableGrid:
         return len(self.rows[0])
 
 
+class PreparedTargets(NamedTuple):
+    """The user's ``targets`` in the engine's form (what :func:`normalize_targets` returns).
+
+    ``target``: a pytree :class:`Target` with leaves ``(B, T, ...)`` (or ``None``); ``grid``: a
+    :class:`CallableGrid` of arbitrary callables (or ``None``; at most one of the two is set, neither for
+    ``targets=None``); ``num_targets``: ``T``; ``has_target_axis``: whether the maps keep a ``T`` axis.
+    """
+
+    target: Target | None
+    grid: CallableGrid | None
+    num_targets: int
+    has_target_axis: bool
+
+
 def _stack_targets(items: Sequence[Target], what: str) -> Target:
     cls = type(items[0])
     if any(type(t) is not cls for t in items):
@@ -307,11 +342,18 @@ def _stack_targets(items: Sequence[Target], what: str) -> Target:
                         f"{sorted({type(t).__name__ for t in items})}")
     if any(t.batch_shape() != () for t in items):
         raise ValueError(f"{what}: targets inside a list must be single targets (no batch axes)")
-    return jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(v) for v in xs]), *items)
+    def stack(*xs: Any) -> Any:
+        if any(isinstance(v, jax.core.Tracer) for v in xs):
+            return jnp.stack([jnp.asarray(v) for v in xs])
+        arr = np.stack([np.asarray(v) for v in xs])
+        return arr if np.issubdtype(arr.dtype, np.integer) else jnp.asarray(arr)
+
+    return jax.tree.map(stack, *items)
 
 
-def normalize_targets(targets: Any, batch: int) -> tuple[Target | None, CallableGrid | None, int, bool]:
-    """Turns the user's ``targets`` into (pytree target with leaves ``(B, T, ...)``, callable grid, T, has_T).
+def normalize_targets(targets: Any, batch: int) -> PreparedTargets:
+    """Turns the user's ``targets`` into :class:`PreparedTargets` (pytree target with leaves ``(B, T, ...)``
+    or callable grid, ``T``, whether the maps keep a ``T`` axis).
 
     Accepted: ``None`` (arg-max class per image); an integer array / list of ints of shape ``(B,)`` or
     ``(B, T)`` (class indices); a :class:`Target` with batch axes ``()``, ``(B,)`` or ``(B, T)``; a list of
@@ -320,19 +362,19 @@ def normalize_targets(targets: Any, batch: int) -> tuple[Target | None, Callable
     raises ``ValueError``.
 
     Example:
-        >>> t, grid, T, has_t = normalize_targets([3, 5], batch=2)
-        >>> t.category.shape, T, has_t
+        >>> p = normalize_targets([3, 5], batch=2)
+        >>> p.target.category.shape, p.num_targets, p.has_target_axis
         ((2, 1), 1, False)
     """
     if targets is None:
-        return None, None, 1, False
+        return PreparedTargets(None, None, 1, False)
     if isinstance(targets, Target):
-        tgt, t, has_t = targets._broadcast(batch)
-        return tgt, None, t, has_t
+        tgt, t, has_t = targets.broadcast(batch)
+        return PreparedTargets(tgt, None, t, has_t)
     if isinstance(targets, (jax.Array, np.ndarray, int, np.integer)):
-        return normalize_targets(ClassifierOutputTarget(jnp.asarray(targets)), batch)
+        return normalize_targets(ClassifierOutputTarget(targets), batch)
     if callable(targets):
-        return None, CallableGrid(tuple((targets,) for _ in range(batch)), False), 1, False
+        return PreparedTargets(None, CallableGrid(tuple((targets,) for _ in range(batch)), False), 1, False)
     if isinstance(targets, (list, tuple)):
         if len(targets) != batch:
             raise ValueError(
@@ -345,7 +387,7 @@ def normalize_targets(targets: Any, batch: int) -> tuple[Target | None, Callable
                 arr = np.asarray(targets, dtype=np.int32)
             except ValueError as e:
                 raise ValueError(f"targets: every image needs the same number of targets ({e})") from None
-            return normalize_targets(ClassifierOutputTarget(jnp.asarray(arr)), batch)
+            return normalize_targets(ClassifierOutputTarget(arr), batch)
         nested = all(isinstance(t, (list, tuple)) for t in targets)
         rows = [tuple(t) for t in targets] if nested else [(t,) for t in targets]
         if len({len(r) for r in rows}) != 1 or len(rows[0]) == 0:
@@ -360,7 +402,7 @@ def normalize_targets(targets: Any, batch: int) -> tuple[Target | None, Callable
                 stacked = jax.tree.map(lambda v: v[:, 0], stacked)
             return normalize_targets(stacked, batch)
         if all(callable(u) for u in flat):
-            return None, CallableGrid(tuple(rows), nested), len(rows[0]), nested
+            return PreparedTargets(None, CallableGrid(tuple(rows), nested), len(rows[0]), nested)
         raise TypeError(f"targets: expected Target objects, class indices or callables, got "
                         f"{sorted({type(u).__name__ for u in flat})}")
     raise TypeError(
