@@ -4,6 +4,8 @@ bad input must raise. Numerical parity with PyTorch lives in ``parity_tests/test
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,8 +18,13 @@ import flax_attn
 from flax_attn.layers import (
     CBAM,
     BatchNorm,
+    CBAMSpec,
     ChannelAttention,
+    ChannelSpec,
+    Preset,
+    SESpec,
     SpatialAttention,
+    SpatialSpec,
     SqueezeExcite,
     create_attn,
     get_attn,
@@ -408,6 +415,159 @@ def test_wrong_channel_count_and_dtype():
 def test_bad_options_raise_clear_errors(factory, match, exc):
     with pytest.raises(exc, match=match):
         factory()
+
+
+# ---------------------------------------------------------------------------------------------------
+# empty inputs (issue 12): an empty batch works, an empty map is refused by name
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spatial_dims", [1, 2])
+@pytest.mark.parametrize("kind", BLOCKS)
+def test_empty_batch_gives_empty_output(kind, spatial_dims):
+    m = _block(kind, spatial_dims)
+    m.eval()
+    x = jnp.zeros((0,) + SHAPES[spatial_dims][1:])
+    for y in (m(x), _jit_apply(m, x)):
+        assert y.shape == x.shape and y.dtype == x.dtype
+    g_m, g_x = _grad(m, x)  # the arg-max gradient of the max pools reshapes an empty batch too
+    assert g_x.shape == x.shape and all(v.shape == p.shape for v, p in zip(
+        jax.tree.leaves(g_m), jax.tree.leaves(nnx.state(m, nnx.Param))))
+
+
+@pytest.mark.parametrize("kind", ["sam", "cbam"])
+def test_empty_batch_in_training_mode_with_batchnorm_is_refused(kind):
+    m = _block(kind)  # training mode, BatchNorm: batch statistics of no value do not exist (as in torch)
+    with pytest.raises(ValueError, match=r"more than 1 value per channel, got input shape \(0, 5, 7, 1\)"):
+        m(jnp.zeros((0, 5, 7, C)))
+
+
+@pytest.mark.parametrize("shape", [(2, 0, 7, C), (2, 5, 0, C)])
+@pytest.mark.parametrize("kind", BLOCKS)
+def test_empty_map_raises_naming_the_shape(kind, shape):
+    m = _block(kind)
+    m.eval()
+    with pytest.raises(ValueError, match=rf"every spatial size >= 1.*got shape \({shape[0]}, {shape[1]}, {shape[2]}, 16\)"):
+        m(jnp.zeros(shape))
+
+
+# ---------------------------------------------------------------------------------------------------
+# options are data: specs
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_specs_validate_normalise_and_derive():
+    spec = ChannelSpec(reduction=4, pool_types="mean", divisor=8)
+    assert spec.pool_types == ("avg",) and spec.hidden(64) == 16 and spec.hidden(20) == 8
+    assert SESpec().pool_types == ("avg",) and ChannelSpec().pool_types == ("avg", "max")
+    sp = SpatialSpec(compress=["avg", "max"], kernel_size=3, spatial_dims=3)
+    assert sp.compress == ("mean", "max") and sp.conv_in == 2 and sp.padding == ((1, 1),) * 3
+    assert SpatialSpec(compress="conv", compress_channels=5).conv_in == 5
+    assert SpatialSpec(compress_fusion="mean").conv_in == 1
+    assert SpatialSpec(use_bn=True).use_conv_bias is False and SpatialSpec(use_bn=True, conv_bias=True).use_conv_bias
+    cb = CBAMSpec.from_options(reduction=8, kernel_size=3, gate="tanh", arrangement="parallel")
+    assert (cb.channel.reduction, cb.spatial.kernel_size, cb.spatial.gate, cb.arrangement) == (8, 3, "tanh", "parallel")
+    assert CBAMSpec.from_options(spatial_gate="hard_sigmoid").spatial.gate == "hard_sigmoid"
+    assert CBAMSpec.from_options(no_spatial=True).spatial is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.reduction = 2  # type: ignore[misc]
+    hash(cb)  # specs are static metadata of the modules (jit caches key on them)
+
+
+@pytest.mark.parametrize("spec", [
+    ChannelSpec(reduction=3, pool_types=("lp", "max"), act="gelu", preset="x"), SESpec(hidden_channels=5),
+    SpatialSpec(compress="conv", compress_channels=3, use_bn=True, bn_momentum=0.7),
+    CBAMSpec.from_options(spatial_gate="tanh", arrangement="spatial_first", use_bn=True, preset="p"),
+    CBAMSpec.from_options(no_spatial=True, pool_fusion="mean"),
+])
+def test_spec_round_trips_through_its_flat_options(spec):
+    assert type(spec).from_options(**spec.to_options()) == spec
+    assert [p.name for p in type(spec).options()] == list(spec.to_options())
+    assert spec.replace() is spec
+
+
+def test_spec_replace_revalidates_and_names_unknown_options():
+    spec = get_attn("cbam_official").spec
+    assert spec.replace(kernel_size=3).spatial.kernel_size == 3 and spec.replace(kernel_size=3).preset == "cbam_official"
+    assert spec.replace(gate="tanh").spatial.gate == "tanh"  # gate still drives both maps
+    with pytest.raises(ValueError, match="kernel_size must be a positive odd int.*got 4"):
+        spec.replace(kernel_size=4)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['kernel'\] for CBAMSpec: expected some of"):
+        spec.replace(kernel=3)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['squeeze_from'\] for SESpec"):
+        SqueezeExcite(8, squeeze_from=4, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match="spec must be a SpatialSpec, got ChannelSpec"):
+        SpatialAttention(8, ChannelSpec(), rngs=nnx.Rngs(0))
+
+
+def test_blocks_keep_their_spec_and_presets_are_named_specs():
+    m = nnx.eval_shape(lambda: CBAM(C, reduction=4, kernel_size=3, rngs=nnx.Rngs(0)))
+    assert m.spec == CBAMSpec.from_options(reduction=4, kernel_size=3)
+    assert m.channel.spec is m.spec.channel and m.spatial.spec is m.spec.spatial and m.preset is None
+    for name in PRESETS:
+        preset = get_attn(name)
+        assert isinstance(preset, Preset) and preset.name == name and preset.spec.preset == name
+        block = nnx.eval_shape(lambda: create_attn(name, 40, rngs=nnx.Rngs(0)))
+        assert block.spec == preset.spec_for(40) and block.preset == name
+    # a spec is an attention argument too, and the block's sub-modules never carry the preset
+    block = nnx.eval_shape(lambda: create_attn(get_attn("cbam_timm").spec, C, rngs=nnx.Rngs(0)))
+    assert block.preset == "cbam_timm" and block.channel.preset is None and block.spatial.preset is None
+    block.preset = "renamed"  # assigning the name rewrites the spec, the one place it lives
+    assert block.spec.preset == "renamed" and block.spec.channel == get_attn("cbam_timm").spec.channel
+
+
+def test_signatures_show_the_spec_options():
+    import inspect
+
+    for cls, spec_cls in ((SqueezeExcite, SESpec), (ChannelAttention, ChannelSpec), (SpatialAttention, SpatialSpec),
+                          (CBAM, CBAMSpec)):
+        params = inspect.signature(cls).parameters
+        for opt in spec_cls.options():
+            assert params[opt.name].kind is inspect.Parameter.KEYWORD_ONLY
+            assert params[opt.name].default == opt.default and params[opt.name].annotation == opt.annotation
+        assert list(params)[:2] == ["channels", "spec"] and "rngs" in params
+    assert inspect.signature(SqueezeExcite).parameters["pool_types"].default == ("avg",)
+
+
+def test_register_a_spec_as_preset(monkeypatch):
+    monkeypatch.setattr(registry_mod, "_REGISTRY", dict(registry_mod._REGISTRY))
+    register_attn("se_r2", SESpec(reduction=2, act="silu"))
+    m = create_attn("se_r2", 8, rngs=nnx.Rngs(0))
+    assert m.preset == "se_r2" and m.hidden == 4 and m.spec.act == "silu"
+    with pytest.raises(TypeError, match="factory must be a block spec or a callable, got int"):
+        register_attn("bad", 3)
+
+
+# ---------------------------------------------------------------------------------------------------
+# one vocabulary: activations and the models' attention argument
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_one_activation_table_for_blocks_and_models():
+    from flax_attn.layers._functional import resolve_activation
+    from flax_attn.models._common import act_module
+
+    for name in ("relu", "silu", "hard_swish"):
+        assert act_module(name).fn is resolve_activation(name)
+    x = _x((64,)) * 4
+    # torch.nn.Hardswish's order of operations: x * relu6(x + 3) / 6 (jax.nn.hard_swish rounds otherwise)
+    np.testing.assert_array_equal(resolve_activation("hard_swish")(x), x * jnp.clip(x + 3.0, 0.0, 6.0) / 6.0)
+    np.testing.assert_allclose(resolve_activation("hard_swish")(x), jax.nn.hard_swish(x), rtol=1e-6, atol=1e-7)
+
+
+def test_models_resolve_every_kind_of_attention_argument():
+    from flax_attn.models._common import make_attn
+
+    def build(attn):
+        return nnx.eval_shape(lambda: make_attn(attn, C, dtype=jnp.bfloat16, param_dtype=jnp.float32,
+                                                rngs=nnx.Rngs(0)))
+
+    assert build(None) is None
+    by_name, by_spec = build("cbam_official"), build(get_attn("cbam_official").spec)
+    assert by_name.spec == by_spec.spec and by_spec.channel.fc1.dtype == jnp.bfloat16
+    assert build(lambda c, *, rngs: SqueezeExcite(c, reduction=2, rngs=rngs)).hidden == 8
+    with pytest.raises(TypeError, match="attn must be None, a registered attention name, a block spec or a callable, got int"):
+        build(3)
 
 
 def test_batchnorm_train_mode_needs_two_values_per_channel():

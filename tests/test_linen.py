@@ -3,15 +3,20 @@ BatchNorm statistics from the same parameters, same errors. No torch needed."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 from flax import nnx
 
 import flax_attn
 from flax_attn import linen as fal
 from flax_attn.layers import list_attn
+from flax_attn.layers import registry as layers_registry
+from flax_attn.linen import registry as fal_registry
 
 # (registry name, keyword overrides, input shape (N, *spatial, C)); odd sizes, H != W, 1x1 maps, N = 1 and > 1
 SHAPE = (2, 5, 7, 16)  # most cases share it, so the eager ops compile once
@@ -209,9 +214,13 @@ def _err(fn):
     ("sam", (2, 5, 16), jnp.float32),       # SAM needs 2 spatial dims
     ("cam", (16,), jnp.float32),            # rank 1
     ("cbam_timm", (2, 5, 7, 16), jnp.int32),  # integer input
+    ("cbam_official", (2, 0, 7, 16), jnp.float32),  # an empty map
+    ("cam", (2, 5, 0, 16), jnp.float32),
+    ("sam", (0, 5, 7, 16), jnp.float32),  # an empty batch in training mode with BatchNorm
 ])
 def test_bad_input_errors_identical(name, shape, dtype):
-    m, lin = _make(name, {}, 16)
+    kw = {"use_bn": True} if shape[0] == 0 else {}  # an empty batch is refused only by train-mode BatchNorm
+    m, lin = _make(name, kw, 16)
     v = fal.nnx_to_linen_variables(m)
     x = jnp.ones(shape, dtype)
     e_nnx = _err(lambda: m(x))
@@ -249,3 +258,56 @@ def test_create_attn_errors_and_presets():
     m = nnx.eval_shape(lambda: flax_attn.create_attn("cbam", 16, rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="does not match"):
         fal.linen_variables_to_nnx(m, {"params": {"fc1": {}}})
+
+
+@pytest.mark.parametrize("name", ["se", "cam", "sam", "cbam_official"])
+def test_empty_batch_gives_empty_output(name):
+    m, lin = _make(name, {}, 16)
+    v = fal.nnx_to_linen_variables(m)
+    m.eval()
+    x = jnp.zeros((0, 5, 7, 16))
+    y = lin.apply(v, x, train=False)
+    assert y.shape == x.shape
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(m(x)))
+
+
+def test_create_attn_takes_linen_module_keywords():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return fal.create_attn("cbam_official", 16, name="attn", use_running_average=True)(x)
+
+    x = _input(SHAPE)
+    v = Net().init(jax.random.key(0), x)
+    assert set(v["params"]) == {"attn"} and set(v["batch_stats"]) == {"attn"}
+    lin = fal.create_attn("se_timm", 16, name="se", dtype=jnp.bfloat16, use_running_average=True)
+    assert (lin.name, lin.dtype, lin.preset) == ("se", jnp.bfloat16, "se_timm")
+
+
+@pytest.mark.parametrize("name", [n for n in list_attn() if n not in _ALIASES])
+def test_linen_twin_has_the_nnx_spec_without_building_nnx(name, monkeypatch):
+    nnx_block = nnx.eval_shape(lambda: flax_attn.create_attn(name, 40, rngs=nnx.Rngs(0)))
+
+    def no_nnx(*a, **k):
+        raise AssertionError("Linen create_attn must not build an NNX module to learn a preset's options")
+
+    monkeypatch.setattr(fal_registry.nnx, "eval_shape", no_nnx)
+    lin = fal.create_attn(name, 40)
+    assert lin.spec == nnx_block.spec and lin.preset == nnx_block.preset
+    assert fal.from_nnx(nnx_block).spec == nnx_block.spec
+    # the twin's dataclass fields are the spec's options (one list, generated from the spec)
+    fields = [f.name for f in dataclasses.fields(type(lin))]
+    assert fields[0] == "channels" and [p.name for p in type(lin).Spec.options()] == fields[1:len(lin.spec.to_options()) + 1]
+
+
+def test_linen_from_spec_and_user_factories(monkeypatch):
+    spec = flax_attn.layers.get_attn("lightcbam_timm").spec.replace(kernel_size=3)
+    lin = fal.create_attn(spec, 16)
+    assert isinstance(lin, fal.CBAM) and lin.spec == spec and lin.kernel_size == 3
+    assert fal.CBAM.from_spec(16, spec).spec == spec
+    with pytest.raises(TypeError, match="spec must be a CBAMSpec, got ChannelSpec"):
+        fal.CBAM.from_spec(16, spec.channel)
+    # a registered factory (not a spec): its block is built abstractly to read the spec
+    monkeypatch.setattr(layers_registry, "_REGISTRY", dict(layers_registry._REGISTRY))
+    flax_attn.register_attn("my_se", lambda c, *, rngs, **kw: flax_attn.SqueezeExcite(c, reduction=2, rngs=rngs, **kw))
+    assert fal.create_attn("my_se", 16, name="m").hidden == 8

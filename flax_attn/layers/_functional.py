@@ -192,13 +192,21 @@ def normalize_pool_types(pool_types: str | Sequence[str], argname: str = "pool_t
     if isinstance(pool_types, str):
         pool_types = (pool_types,)
     pool_types = tuple(pool_types)
-    if not pool_types:
-        raise ValueError(f"{argname} must be a non-empty sequence drawn from {POOL_TYPES}, got ()")
+    return _normalize_names(pool_types, _POOL_ALIASES,
+                            f"{argname} must be a non-empty sequence drawn from {POOL_TYPES}, got ()",
+                            f"unknown pool type {{!r}} in {argname}: expected one of {POOL_TYPES}")
+
+
+def _normalize_names(values: Sequence[Any], aliases: dict[str, str], empty: str, unknown: str) -> tuple[str, ...]:
+    """``values`` mapped through ``aliases`` (case-insensitive); ``empty``/``unknown`` (a ``{!r}`` template) are
+    the error messages."""
+    if not values:
+        raise ValueError(empty)
     out = []
-    for p in pool_types:
-        key = _POOL_ALIASES.get(str(p).lower()) if isinstance(p, str) else None
+    for v in values:
+        key = aliases.get(v.lower()) if isinstance(v, str) else None
         if key is None:
-            raise ValueError(f"unknown pool type {p!r} in {argname}: expected one of {POOL_TYPES}")
+            raise ValueError(unknown.format(v))
         out.append(key)
     return tuple(out)
 
@@ -334,16 +342,9 @@ def normalize_compress(compress: str | Sequence[str]) -> str | tuple[str, ...]:
         if compress.lower() == "conv":
             return "conv"
         compress = (compress,)
-    compress = tuple(compress)
-    if not compress:
-        raise ValueError("compress must be 'conv' or a non-empty sequence of 'max'/'mean', got ()")
-    out = []
-    for c in compress:
-        key = _COMPRESS_ALIASES.get(str(c).lower()) if isinstance(c, str) else None
-        if key is None:
-            raise ValueError(f"unknown spatial compression {c!r}: expected 'conv' or a sequence of 'max'/'mean'")
-        out.append(key)
-    return tuple(out)
+    return _normalize_names(tuple(compress), _COMPRESS_ALIASES,
+                            "compress must be 'conv' or a non-empty sequence of 'max'/'mean', got ()",
+                            "unknown spatial compression {!r}: expected 'conv' or a sequence of 'max'/'mean'")
 
 
 def channel_compress(x: Array, order: Sequence[str], fusion: str = "concat", scale: Array | None = None) -> Array:
