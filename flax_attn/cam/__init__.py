@@ -31,6 +31,19 @@ from flax_attn.cam.api import (
     compile_cache_info,
     set_compile_cache_size,
 )
+from flax_attn.cam.detection import (
+    BACKWARD_TYPES,
+    DetectionCAM,
+    DetectionCAMs,
+    detection_cams,
+    detection_colors,
+    draw_detections,
+    plot_detection_grid,
+    renormalize_in_boxes,
+    save_detection_cams,
+    save_png,
+    show_detection_cams,
+)
 from flax_attn.cam.engine import AUG_TRANSFORMS, CamResult, check_images, compute_cam, compute_cam_prepared, preflight
 from flax_attn.cam.image import jet_colormap, plot_cam_grid, show_cam_on_image
 from flax_attn.cam.methods import CamInputs, CamMethod, finer_cam, get_method, list_methods, register_method
@@ -52,6 +65,7 @@ from flax_attn.cam.taps import FunctionTap, LinenTap, NNXTap, Tap, make_tap, str
 
 __all__ = [
     "AUG_TRANSFORMS",
+    "BACKWARD_TYPES",
     "BaseCAM",
     "BinaryClassifierOutputTarget",
     "CacheInfo",
@@ -62,6 +76,8 @@ __all__ = [
     "ClassifierOutputSoftmaxTarget",
     "ClassifierOutputTarget",
     "DEFAULT_COMPILE_CACHE_SIZE",
+    "DetectionCAM",
+    "DetectionCAMs",
     "EigenCAM",
     "EigenGradCAM",
     "FinerCAM",
@@ -89,6 +105,9 @@ __all__ = [
     "compile_cache_info",
     "compute_cam",
     "compute_cam_prepared",
+    "detection_cams",
+    "detection_colors",
+    "draw_detections",
     "finer_cam",
     "first_component_projection",
     "get_method",
@@ -98,10 +117,15 @@ __all__ = [
     "normalize_targets",
     "plot_cam_grid",
     "preflight",
+    "plot_detection_grid",
     "register_method",
+    "renormalize_in_boxes",
     "resize_maps",
+    "save_detection_cams",
+    "save_png",
     "scale_cam",
     "set_compile_cache_size",
     "show_cam_on_image",
     "structural_key",
+    "show_detection_cams",
 ]
