@@ -14,6 +14,7 @@ import sys
 import numpy as np
 
 from train import Config, train_and_evaluate
+from train.checkpoints import verify_checksums
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = dict(model="resnet10", width=4, batch_size=32, num_steps=6, log_every=1, checkpoint_every=0,
@@ -74,6 +75,8 @@ def test_eight_devices_and_two_processes_match_one_device(tmp_path):
     np.testing.assert_allclose(s8["val_loss"], one["val_loss"], rtol=1e-4)
     np.testing.assert_allclose(s2["val_loss"], one["val_loss"], rtol=1e-4)
     assert sorted(os.listdir(tmp_path / "multi" / "checkpoints")) == ["6"]
+    # the checksum file is written once (process 0) after orbax finished the collective checkpoint
+    assert verify_checksums(6, str(tmp_path / "multi" / "checkpoints" / "6"))
 
 
 def test_batch_not_divisible_by_devices_fails_before_compiling(tmp_path):
