@@ -30,6 +30,7 @@ from flax_attn.convert import (
     linen_to_torch,
     load_safetensors,
     nnx_to_torch,
+    save_safetensors,
     torch_to_linen,
     torch_to_nnx,
 )
@@ -158,3 +159,17 @@ def test_strictness_against_a_real_torch_module():
     # the wrong preset: every key is reported, nothing loads
     with pytest.raises(ConversionError, match="missing: channel.fc1.kernel"):
         torch_to_nnx(_flax("cbam_timm", 32, {}), sd)
+
+
+def test_meta_tensor_is_named_not_a_raw_torch_error():
+    """A state dict from a model built under ``torch.device("meta")`` has no data: the error names the key."""
+    with torch.device("meta"):
+        t = SEModule(64)
+    sd = t.state_dict()
+    m = _flax("se_timm", 64, {})
+    with pytest.raises(ConversionError, match=r"fc1\.weight: a meta tensor \(shape \(8, 64, 1, 1\), torch.float32\) "
+                                              r"has no data") as info:
+        torch_to_nnx(m, sd)
+    assert len(info.value.problems) == 4                      # every meta tensor is listed, nothing is loaded
+    with pytest.raises(TypeError, match=r"state_dict\['fc1.weight'\]: a meta tensor"):
+        save_safetensors(sd, "/nonexistent/never-written.safetensors")

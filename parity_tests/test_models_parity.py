@@ -21,8 +21,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 import torch_ref.resnet as tr
-from flax_attn.convert import ConversionError
-from flax_attn.convert.torchvision import from_torchvision, to_numpy, to_torch
+from flax_attn.convert import ConversionError, from_torchvision, to_torchvision
+from flax_attn.convert import to_torchvision_numpy as to_numpy  # the local name of the training-step tests
 from flax_attn.models import create_model, list_models
 
 RTOL = 1e-5
@@ -113,6 +113,81 @@ def test_eval_logits_match_slow(name):
 def test_small_input_1x1_maps():
     """A 17x19 input leaves CBAM-ResNet-18's layer4 map at 1x1 (spatial attention on a single position)."""
     check_eval("cbam_resnet18", [(3, 17, 19)])
+
+
+# ------------------------------------------------- float32 logits at the reference's own noise level
+def calibrate_bn(tm: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
+    """Sets every BatchNorm's running statistics to the batch statistics of ``x`` (as a trained network's
+    are: computed from data), so every BatchNorm normalises real activations to unit scale. Random
+    statistics (:func:`randomize_bn`) leave the network well conditioned; these do not."""
+    for m in tm.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average: one batch gives exactly its statistics
+    tm.train()
+    with torch.no_grad():
+        tm(x)
+    for m in tm.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = 0.1
+    return tm.eval()
+
+
+# c in the float32 bound below. Why a reference's own error is the yardstick: with data-calibrated
+# BatchNorm statistics these networks are ill-conditioned, and float32 torch lands 1.4e-5..7.3e-5 (2-core
+# AMD EPYC) or 2.8e-5..6.2e-5 (this suite's author's machine, 64x64) away from its own float64 run, while
+# Flax and torch agree to ~1e-15 in float64. So 1e-5 against torch float32 would test torch's rounding,
+# not the port. Flax float32 is one more float32 evaluation of the same function with another summation
+# order (XLA's convolutions vs oneDNN's): its distance from the float64 result is of the same order as
+# torch's, not bit-equal to it. Measured ratios ||flax32 - torch64|| / ||torch32 - torch64|| are listed in
+# NOISE_MODELS; c = 3 leaves room for torch's error to be smaller on another CPU (oneDNN picks kernels by
+# instruction set and thread count) without accepting a real deviation, which is >= 1e-3 (a wrong
+# padding, momentum or epsilon moves these logits by percents).
+NOISE_FACTOR = 3.0
+NOISE_MODELS = ("resnet101", "wide_resnet50_2", "efficientnet_b3", "regnet_y_1_6gf")
+
+
+def _calibrated_pair(name: str, seed: int = 0):
+    """torch float32 and float64 twins with data-calibrated BatchNorm statistics, and a fresh input."""
+    torch.manual_seed(seed)
+    tm = calibrate_bn(torch_model(name), torch.from_numpy(np.random.RandomState(seed).randn(2, 3, 64, 64)
+                                                          .astype(np.float32)))
+    x = np.random.RandomState(seed + 1).randn(2, 3, 64, 64).astype(np.float32)  # not the calibration batch
+    return tm, _float64_twin(tm), x
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NOISE_MODELS)
+def test_eval_logits_float32_at_the_references_noise_level(name):
+    """``||flax32 - torch64|| <= max(1e-5, c * ||torch32 - torch64||)`` (relative, c = NOISE_FACTOR) on
+    models whose float32 torch reference is itself 1e-5..1e-4 off (data-calibrated BatchNorm statistics)."""
+    tm, tm64, x = _calibrated_pair(name)
+    with torch.no_grad():
+        ref32 = tm(torch.from_numpy(x)).numpy()
+        ref64 = tm64(torch.from_numpy(x).double()).numpy()
+    out = np.asarray(forward(from_torchvision(name, tm.state_dict()), nhwc(x)))
+    noise = rel_err(ref32, ref64)
+    err = rel_err(out, ref64)
+    bound = max(RTOL, NOISE_FACTOR * noise)
+    assert err <= bound, (f"{name}: Flax float32 vs torch float64 {err:.2e} > {bound:.2e} "
+                          f"(torch float32 vs float64: {noise:.2e})")
+
+
+@pytest.mark.slow
+def test_eval_logits_float64_both_sides_calibrated():
+    """The same ill-conditioned model in float64 on both sides agrees to 1e-12 (measured ~1e-15): the
+    float32 differences above are rounding, not a deviation of the port."""
+    name = "regnet_y_1_6gf"
+    tm, tm64, x = _calibrated_pair(name)
+    with torch.no_grad():
+        ref64 = tm64(torch.from_numpy(x).double()).numpy()
+    with jax.enable_x64(True):
+        model = from_torchvision(name, tm.state_dict())
+        nnx.update(model, jax.tree.map(lambda v: v.astype(jnp.float64) if jnp.issubdtype(v.dtype, jnp.floating)
+                                       else v, nnx.state(model)))
+        out = np.asarray(forward(model, nhwc(x.astype(np.float64))))
+    assert out.dtype == np.float64
+    assert rel_err(out, ref64) <= 1e-12
 
 
 # --------------------------------------------------------------------------------------- training mode
@@ -293,14 +368,14 @@ def test_round_trip_bit_exact(name):
     nnx.update(model, jax.tree.map(
         lambda v: jnp.asarray(rng.randint(0, 1000, v.shape) if jnp.issubdtype(v.dtype, jnp.integer)
                               else rng.rand(*v.shape) + 0.1, v.dtype), state))
-    sd = to_torch(model)
+    sd = to_torchvision(model)
     twin.load_state_dict(sd, strict=True)
     back = from_torchvision(name, twin.state_dict())
     a = jax.tree.leaves(nnx.state(model, (nnx.Param, nnx.BatchStat)))
     b = jax.tree.leaves(nnx.state(back, (nnx.Param, nnx.BatchStat)))
     assert len(a) == len(b) == len(sd)
     assert all(np.array_equal(np.asarray(u), np.asarray(v)) and u.dtype == v.dtype for u, v in zip(a, b))
-    sd2 = to_torch(back)
+    sd2 = to_torchvision(back)
     assert sd2.keys() == sd.keys()
     assert all(torch.equal(sd[k], sd2[k]) and sd[k].dtype == sd2[k].dtype for k in sd)
 
@@ -313,12 +388,28 @@ def test_conversion_is_strict():
     extra = dict(sd, **{"layer1.0.extra.weight": torch.zeros(3)})
     with pytest.raises(ConversionError, match=r"layer1\.0\.extra\.weight"):
         from_torchvision("se_resnet18", extra)
-    with pytest.raises(ConversionError, match=r"(?s)missing: layer1\.0\.attn\.channel.*unexpected: .*layer1\.0\.se"):
+    with pytest.raises(ConversionError, match=r"(?s)88 problems: 52 missing, 36 unexpected.*registered model with "
+                                              r"exactly these keys: 'se_resnet18'.*missing: layer1\.0\.attn\.channel"
+                       ) as info:
         from_torchvision("cbam_resnet18", sd)  # SE weights in a CBAM model
+    assert any(p.startswith("unexpected: checkpoint key 'layer1.0.se.") for p in info.value.problems)
     with pytest.raises(ConversionError, match=r"(?s)fc\.weight.*shape"):
         from_torchvision("se_resnet18", sd, num_classes=5)  # checkpoint has a 10-class head
     with pytest.raises(ConversionError, match=r"layer1\.2\.conv1"):
         from_torchvision("resnet34", torchvision.models.resnet18().state_dict())
+
+
+def test_wrong_architecture_is_named():
+    """An EfficientNetV2-S checkpoint loaded as EfficientNet-B0: a short message (not 805 lines) that says
+    the architecture is wrong and that no registered model has these keys; the full list is on .problems."""
+    sd = torchvision.models.efficientnet_v2_s().state_dict()
+    with pytest.raises(ConversionError) as info:
+        from_torchvision("efficientnet_b0", sd)
+    e, msg = info.value, str(info.value)
+    assert len(e.problems) > 500 and len(msg) < 5000
+    assert f"and {len(e.problems) - 20} more" in msg
+    assert "another architecture" in msg
+    assert "no registered model has exactly the checkpoint's keys" in msg and "(2, 4, 4, 6, 9, 15)" in msg
 
 
 # ---------------------------------------------------------------------------------------- param counts
