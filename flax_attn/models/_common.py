@@ -314,8 +314,8 @@ def make_attn(attn: AttnSpec, channels: int, *, dtype: Dtype | None, param_dtype
         return create_attn(attn, channels, rngs=rngs, dtype=dtype, param_dtype=param_dtype, **kwargs)
     if callable(attn):
         return attn(channels, rngs=rngs, **kwargs)
-    raise TypeError(f"attn must be None, a registered attention name, a block spec or a callable, got "
-                    f"{type(attn).__name__}")
+    raise TypeError(f"attn must be None, a registered attention name or a callable (or a block spec such as "
+                    f"flax_attn.CBAMSpec), got {type(attn).__name__}")
 
 
 def check_image(x: Any, in_chans: int, who: str) -> None:
