@@ -292,9 +292,10 @@ def test_show_cam_on_image_matches_gradcam(use_rgb, weight):
     rs = np.random.RandomState(3)
     img = rs.rand(2, 11, 14, 3).astype(np.float32)
     mask = rs.rand(2, 11, 14).astype(np.float32)
-    ours = np.asarray(fc.show_cam_on_image(img, mask, use_rgb=use_rgb, image_weight=weight))
+    ours = fc.show_cam_on_image(img, mask, use_rgb=use_rgb, image_weight=weight)
     for i in range(2):
         ref = gc_show(img[i], mask[i], use_rgb=use_rgb, image_weight=weight)
+        assert type(ours) is type(ref) and ours.dtype == ref.dtype  # a host NumPy uint8 image, as grad-cam's
         assert np.abs(ours[i].astype(int) - ref.astype(int)).max() <= 1
 
 

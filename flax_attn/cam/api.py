@@ -331,7 +331,7 @@ class FinerCAM(BaseCAM):
         (2, 5, 5)
     """
 
-    method_name = "gradcam"
+    method_name = "finercam"  # the registered default (alpha 1, comparison ranks 1-3); options per call
 
     def __init__(self, model: Any, target_layers: Any = None, *, base_method: str | type[BaseCAM] = "gradcam",
                  reshape_transform: Callable | None = None, seed: int = 0, **tap_kwargs: Any):

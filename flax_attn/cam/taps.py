@@ -93,6 +93,15 @@ class _Id:
         return isinstance(other, _Id) and other.obj is self.obj
 
 
+def _global_names(code: types.CodeType) -> list[str]:
+    """Names a code object (and the code nested in it) may read from its globals."""
+    names = list(code.co_names)
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            names.extend(_global_names(c))
+    return sorted(set(names))
+
+
 _SMALL_ARRAY = 1024  # constants up to this many elements are keyed by value, larger ones by identity
 
 
@@ -100,11 +109,12 @@ def structural_key(obj: Any, _depth: int = 0) -> Any:
     """A hashable key equal for objects that behave the same under tracing (the CAM compile-cache key).
 
     Plain values by value; tuples, lists and dicts element-wise; functions by their code, defaults and the
-    keys of their closure cells (so ``lambda o: o[c]`` rebuilt with the same ``c`` is the same key);
+    keys of their closure cells and of the globals they read (so ``lambda o: o[c]`` rebuilt with the same
+    ``c``, local or global, is the same key, and with another ``c`` another key);
     ``functools.partial`` and bound methods by their parts; dataclasses (the CAM targets) by type and
     fields; small concrete arrays by value; objects with their own ``__eq__``/``__hash__`` by themselves;
-    anything else (and tracers) by identity. As with ``jax.jit``, a function's globals and the contents of
-    mutable objects it closes over are read when it is traced, not compared.
+    anything else (and tracers) by identity. As with ``jax.jit``, the contents of other mutable objects a
+    function reads (an attribute of a module, an NNX model's parameters) are read when it is traced.
 
     Example:
         >>> structural_key(lambda o: o[3]) == structural_key(lambda o: o[3])
@@ -138,7 +148,9 @@ def structural_key(obj: Any, _depth: int = 0) -> Any:
             except ValueError:  # an empty cell
                 v = None
             cells.append(structural_key(v, d))
-        return ("fn", obj.__code__, _Id(obj.__globals__), structural_key(obj.__defaults__, d),
+        g = obj.__globals__
+        used = tuple((n, structural_key(g[n], d)) for n in _global_names(obj.__code__) if n in g)
+        return ("fn", obj.__code__, _Id(g), used, structural_key(obj.__defaults__, d),
                 structural_key(obj.__kwdefaults__, d), tuple(cells))
     if isinstance(obj, functools.partial):
         return ("partial", structural_key(obj.func, d), structural_key(obj.args, d),
