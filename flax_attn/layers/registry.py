@@ -190,11 +190,10 @@ def register_attn(name: str, factory: AttnFactory | BlockSpec, *, overwrite: boo
     """Registers a user block: a block spec (a preset of that name, also available in Linen) or a factory
     ``factory(channels, *, rngs, **kwargs) -> nnx.Module``.
 
-    Example:
-        >>> from flax_attn.layers.specs import SESpec
-        >>> register_attn("se_r8_doc", SESpec(reduction=8), overwrite=True)
-        >>> get_attn("se_r8_doc").spec.preset
-        'se_r8_doc'
+    Example (not run as a doctest: registering is global)::
+
+        register_attn("se_r8", SESpec(reduction=8))      # a preset: create_attn("se_r8", C, rngs=...) in NNX,
+        get_attn("se_r8").spec.preset                     # flax_attn.linen.create_attn("se_r8", C) in Linen
     """
     key = _key(name)
     if key in _REGISTRY and not overwrite:
