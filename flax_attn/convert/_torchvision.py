@@ -283,7 +283,14 @@ def _registered_key_set(name: str) -> frozenset[str]:
 def closest_registered_models(keys: set[str]) -> tuple[str | None, list[str]]:
     """``(family, names)``: the checkpoint's model family and the registered models of that family whose
     torch key set (``num_batches_tracked`` aside) is exactly ``keys``; candidates are narrowed by their block
-    counts first, so only models with the checkpoint's block structure are built (abstractly, cached)."""
+    counts first, so only models with the checkpoint's block structure are built (abstractly, cached).
+
+    Example:
+        >>> from flax_attn.models import create_model
+        >>> keys = set(to_torchvision_numpy(create_model("resnet18", num_classes=10)))
+        >>> closest_registered_models(keys)
+        ('resnet', ['resnet18'])
+    """
     from flax_attn.models import list_models
 
     family = _family_of_checkpoint(keys)
@@ -316,8 +323,8 @@ def _architecture_hint(keys: set[str]) -> str:
         return "hint: the checkpoint's keys match no registered torchvision model family (stem and head keys unknown)"
     signature = _checkpoint_signature(family, keys)
     blocks = f" with blocks per stage {signature[-1] if family == 'resnet' else signature}" if signature else ""
-    return (f"hint: no registered model has exactly the checkpoint's keys (they look like a {family} checkpoint"
-            f"{blocks}); the architecture is probably not one of flax_attn.models.list_models()")
+    return (f"hint: no registered model has exactly the checkpoint's keys (they look like a checkpoint of the "
+            f"{family} family{blocks}); the architecture is probably not one of flax_attn.models.list_models()")
 
 
 __all__ = ["RESNET_ATTN_TORCH_NAMES", "closest_registered_models", "from_torchvision", "to_torchvision",
