@@ -193,3 +193,40 @@ def move_aside(workdir: str, root: str, steps: list[int]) -> list[str]:
 
         multihost_utils.sync_global_devices("train.checkpoints.move_aside")
     return out
+
+
+class RunCheckpoints:
+    """The checkpoints a run writes: orbax saves (asynchronous), then the checksum file of each finished one."""
+
+    def __init__(self, mngr: Any, root: str):
+        self.mngr, self.root = mngr, root
+        self.unsummed: list[int] = []  # saved steps whose checksum file is not written yet
+
+    def save(self, step: int, tree: Any) -> None:
+        import orbax.checkpoint as ocp
+
+        self.finish()
+        self.mngr.save(step, args=ocp.args.StandardSave(tree))
+        self.unsummed.append(step)
+
+    def poll(self) -> None:
+        """Writes the pending checksum files if orbax has finished (never waits)."""
+        if self.unsummed and not self.mngr.is_saving_in_progress():
+            self.finish()
+
+    def finish(self) -> None:
+        """Waits for orbax, then writes the checksum file of each checkpoint it finished (process 0)."""
+        self.mngr.wait_until_finished()
+        for step in self.unsummed:
+            d = os.path.join(self.root, str(step))
+            if jax.process_index() == 0 and os.path.isdir(d):
+                write_checksums(d)
+        self.unsummed.clear()
+
+    def last_good(self) -> str:
+        """A sentence naming the newest checkpoint whose checksum verifies (after the pending saves finish)."""
+        self.finish()
+        good = newest_verified_step(self.root)
+        if good is None:
+            return f"No checkpoint in {self.root} verifies"
+        return f"The last good checkpoint (checksum verified) is step {good} in {self.root}"

@@ -1,19 +1,23 @@
 """``train_and_evaluate(config, workdir)``: jitted, data-parallel training with exact resumption.
 
-Shape of a run:
+Shape of a run, top to bottom in :func:`train_and_evaluate`:
 
-1. every check that can fail on bad input (names, folder, batch vs devices) runs before anything compiles;
-2. the state ``{step, params, model_state, opt_state}`` is built inside ``jax.jit`` directly replicated on a
-   mesh over all devices (``Mesh(devices, ("data",))``); batches are sharded along ``"data"``. BatchNorm's
-   batch mean/variance are plain ``jnp.mean`` over the global (sharded) batch, so XLA inserts the
-   cross-device reductions: the statistics are those of the global batch, as on one device;
+1. everything that can refuse the run happens before anything is written: the config checks (names, folder,
+   batch vs devices, before anything compiles), the data, the comparison with the workdir's stored config
+   (only the loop settings ``RESUMABLE_FIELDS`` may change) and the choice of the checkpoint to resume (the
+   newest one whose SHA-256 manifest verifies and that orbax restores; corrupt newer ones are set aside);
+2. the :class:`TrainState` ``(step, params, model_state, opt_state)`` is built inside ``jax.jit`` directly
+   replicated on a mesh over all devices (``Mesh(devices, ("data",))``); batches are sharded along
+   ``"data"``. BatchNorm's batch mean/variance are plain ``jnp.mean`` over the global (sharded) batch, so XLA
+   inserts the cross-device reductions: the statistics are those of the global batch, as on one device;
 3. the train step is one jitted function that donates the state; metrics stay on the device and are fetched
    only every ``log_every`` steps (the only host syncs in the loop), where a non-finite loss stops the run
-   naming the first bad step, before any checkpoint of the bad state can be written;
-4. orbax checkpoints every ``checkpoint_every`` steps and at the end (keep the last N); a run restarts from
-   the latest finished checkpoint (orbax writes into a temporary folder and renames it when complete, so a
-   half-written checkpoint is never seen). The data order is a function of ``(seed, step)``, so resumption
-   is exact.
+   naming the first bad step, before any checkpoint of the bad state can be written; a :class:`Meter` keeps
+   the timings (the compiling first step apart, evaluations left out);
+4. orbax checkpoints every ``checkpoint_every`` steps and at the end (keep the last N), each followed by its
+   checksum file as soon as orbax has finished it (:class:`train.checkpoints.RunCheckpoints`). Orbax writes
+   into a temporary folder and renames it when complete, so a half-written checkpoint is never seen. The
+   data order is a function of ``(seed, step)``, so resumption is exact.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
+from flax import nnx, struct
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from train import checkpoints as ckpt
@@ -44,6 +48,75 @@ log = logging.getLogger("train")
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or inf; the message names the step."""
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a training step reads and writes (a pytree, replicated over the mesh)."""
+
+    step: jax.Array  #: optimisation steps done (int32 scalar)
+    params: Any  #: ``nnx.State`` of the model's ``nnx.Param`` variables
+    model_state: Any  #: the other model variables (BatchNorm statistics)
+    opt_state: Any  #: optax state of ``params``
+
+    def as_dict(self) -> dict[str, Any]:
+        """The checkpoint layout: ``{"step", "params", "model_state", "opt_state"}``."""
+        return {"step": self.step, "params": self.params, "model_state": self.model_state,
+                "opt_state": self.opt_state}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainState:
+        return cls(step=d["step"], params=d["params"], model_state=d["model_state"], opt_state=d["opt_state"])
+
+
+class Meter:
+    """Wall-clock bookkeeping of the loop: the first step (it includes compilation) is timed apart, and the time
+    spent in evaluations is left out of the training throughput."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self.started = time.perf_counter()
+        self.first_done: float | None = None
+        self.compile_seconds: float | None = None
+        self.images = 0  # images of the steps after the first
+        self.excluded = 0.0  # seconds spent outside training (evaluations)
+        self.interval_start, self.interval_images = self.started, 0
+        self.stopped: float | None = None
+
+    def step_done(self, metrics: Any) -> None:
+        if self.first_done is None:
+            # the first step includes compilation: wait for it once so that images/s measures steady state
+            jax.block_until_ready(metrics)
+            self.first_done = time.perf_counter()
+            self.compile_seconds = self.first_done - self.started
+            self.interval_start, self.interval_images = self.first_done, 0
+        else:
+            self.interval_images += self.batch_size
+            self.images += self.batch_size
+
+    def interval_rate(self) -> float:
+        """Images/s since the previous call (or the first step), and starts the next interval."""
+        now = time.perf_counter()
+        rate = self.interval_images / max(now - self.interval_start, 1e-9)
+        self.interval_start, self.interval_images = now, 0
+        return rate
+
+    def exclude(self, seconds: float) -> None:
+        self.excluded += seconds
+        self.interval_start += seconds
+
+    def stop(self) -> None:
+        self.stopped = time.perf_counter()
+
+    @property
+    def trained(self) -> bool:
+        return self.first_done is not None
+
+    def images_per_sec(self) -> float | None:
+        if self.first_done is None or self.stopped is None:
+            return None
+        seconds = self.stopped - self.first_done - self.excluded
+        return self.images / seconds if seconds > 0 and self.images else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -129,14 +202,13 @@ class Functions:
         return build_model(self.config, num_classes=self.num_classes, in_chans=self.in_chans,
                            rngs=nnx.Rngs(self.config.seed))
 
-    def _init(self) -> dict[str, Any]:
+    def _init(self) -> TrainState:
         _, params, model_state = nnx.split(self._new_model(), nnx.Param, ...)
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "model_state": model_state,
-                "opt_state": self.tx.init(params)}
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+                          opt_state=self.tx.init(params))
 
-    def merged(self, state: dict[str, Any], *, train: bool) -> nnx.Module:
-        return nnx.merge(self.train_graphdef if train else self.eval_graphdef, state["params"],
-                         state["model_state"])
+    def merged(self, state: TrainState, *, train: bool) -> nnx.Module:
+        return nnx.merge(self.train_graphdef if train else self.eval_graphdef, state.params, state.model_state)
 
     @staticmethod
     def prepare(x: jax.Array, dtype: Any) -> jax.Array:
@@ -146,7 +218,7 @@ class Functions:
     def compute_dtype(self) -> Any:
         return jnp.bfloat16 if self.config.compute_dtype == "bfloat16" else jnp.float32
 
-    def _train_step(self, state: dict[str, Any], x: jax.Array, y: jax.Array):
+    def _train_step(self, state: TrainState, x: jax.Array, y: jax.Array):
         def loss_fn(params, model_state):
             model = nnx.merge(self.train_graphdef, params, model_state, copy=True)
             logits = model(self.prepare(x, self.compute_dtype)).astype(jnp.float32)
@@ -155,25 +227,25 @@ class Functions:
             return loss, (logits, nnx.state(model, nnx.Not(nnx.Param)))
 
         (loss, (logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["params"], state["model_state"])
-        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+            state.params, state.model_state)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "correct": (jnp.argmax(logits, -1) == y).sum()}
-        return {"step": state["step"] + 1, "params": params, "model_state": model_state,
-                "opt_state": opt_state}, metrics
+        return state.replace(step=state.step + 1, params=params, model_state=model_state,
+                             opt_state=opt_state), metrics
 
-    def _eval_step(self, state: dict[str, Any], x: jax.Array, y: jax.Array, mask: jax.Array):
+    def _eval_step(self, state: TrainState, x: jax.Array, y: jax.Array, mask: jax.Array):
         model = self.merged(state, train=False)
         logits = model(self.prepare(x, self.compute_dtype)).astype(jnp.float32)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         return {"loss_sum": (loss * mask).sum(), "correct": ((jnp.argmax(logits, -1) == y) * mask).sum(),
                 "count": mask.sum()}
 
-    def _cam_step(self, state: dict[str, Any], x: jax.Array, y: jax.Array):
+    def _cam_step(self, state: TrainState, x: jax.Array, y: jax.Array):
         """Grad-CAM of the true class ``y`` (for the localisation scores)."""
         return grad_cam(self.merged(state, train=False), self.prepare(x, self.compute_dtype), y)[0]
 
-    def _cam_pred_step(self, state: dict[str, Any], x: jax.Array):
+    def _cam_pred_step(self, state: TrainState, x: jax.Array):
         """Grad-CAM of the predicted class and the prediction (for the figures)."""
         cam, logits = grad_cam(self.merged(state, train=False), self.prepare(x, self.compute_dtype))
         return cam, jnp.argmax(logits, -1)
@@ -216,7 +288,7 @@ def _padded_batches(ds: data_lib.Dataset, batch_size: int, sharding, limit: int 
         yield put(ds.images[idx]), put(ds.labels[idx]), put(mask), idx, mask
 
 
-def evaluate(fns: Functions, state: dict[str, Any], ds: data_lib.Dataset, batch_size: int) -> dict[str, float]:
+def evaluate(fns: Functions, state: TrainState, ds: data_lib.Dataset, batch_size: int) -> dict[str, float]:
     totals = None
     for x, y, m, _, _ in _padded_batches(ds, batch_size, fns.batch_sharding):
         out = fns.eval_step(state, x, y, m)
@@ -226,7 +298,7 @@ def evaluate(fns: Functions, state: dict[str, Any], ds: data_lib.Dataset, batch_
             "accuracy": float(totals["correct"] / totals["count"])}
 
 
-def compute_cams(fns: Functions, state: dict[str, Any], ds: data_lib.Dataset, batch_size: int, *,
+def compute_cams(fns: Functions, state: TrainState, ds: data_lib.Dataset, batch_size: int, *,
                  num_true: int, num_pred: int) -> dict[str, np.ndarray]:
     """Grad-CAM maps of the true class for the first ``num_true`` images, and of the predicted class (with the
     predictions) for the first ``num_pred``."""
@@ -342,6 +414,49 @@ def _truncate_metrics(path: str, step: int) -> int:
     return len(lines) - len(kept)
 
 
+def _log_train(pending: list[tuple[int, dict[str, jax.Array]]], step_done: int, *, meter: Meter,
+               writer: MetricsWriter, lr: optax.Schedule, batch_size: int, bar: Any,
+               saver: ckpt.RunCheckpoints) -> None:
+    """Fetches the pending per-step metrics (a host sync), stops on a non-finite loss, logs their mean."""
+    if not pending:
+        return
+    fetched = jax.device_get([m for _, m in pending])
+    for (s, _), m in zip(pending, fetched):
+        if not np.isfinite(m["loss"]):
+            raise NonFiniteLossError(f"non-finite training loss ({m['loss']}) at step {s} (0-based; the batch of "
+                                     f"that step); stopping. {saver.last_good()}")
+    loss = float(np.mean([m["loss"] for m in fetched]))
+    acc = float(np.sum([m["correct"] for m in fetched]) / (len(fetched) * batch_size))
+    ips = meter.interval_rate()
+    writer.write(split="train", step=step_done, loss=loss, accuracy=acc, images_per_sec=ips,
+                 learning_rate=float(lr(step_done - 1)))
+    if bar is not None:
+        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", img_s=f"{ips:.0f}")
+
+
+def _record_start(workdir: str, config: Config, *, start: int, resumed: bool,
+                  changes: dict[str, tuple[Any, Any]], passed_over: list[int], metrics_path: str) -> None:
+    """The writes of a (re)start, each atomic: metrics beyond ``start`` dropped, ``config.json`` and one
+    ``config_history.jsonl`` record (the step, the changed fields, the checkpoints passed over)."""
+    dropped = _truncate_metrics(metrics_path, start)
+    if dropped:
+        log.info("dropped %d metrics record(s) logged after step %d (the step resumed from)", dropped, start)
+    if changes:
+        log.warning("resuming %s at step %d with changed loop settings: %s", workdir, start,
+                    ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in sorted(changes.items())))
+    ckpt.atomic_write(os.path.join(workdir, "config.json"), config.to_json())
+    history = os.path.join(workdir, "config_history.jsonl")
+    previous = ""
+    if os.path.isfile(history):
+        with open(history) as f:
+            previous = f.read()
+    if previous and not previous.endswith("\n"):
+        previous = previous[:previous.rfind("\n") + 1]  # a partly written last line
+    record = {"start_step": start, "resumed": resumed, "changed": {k: list(v) for k, v in sorted(changes.items())},
+              "passed_over_checkpoints": passed_over}
+    ckpt.atomic_write(history, previous + json.dumps(record, sort_keys=True) + "\n")
+
+
 # --------------------------------------------------------------------------------------------------
 # the run
 # --------------------------------------------------------------------------------------------------
@@ -383,13 +498,13 @@ def train_and_evaluate(config: Config, workdir: str, *, strict_checkpoints: bool
     fns = get_functions(config, num_classes=len(train_ds.class_names), in_chans=train_ds.images.shape[-1])
     state = fns.init()
     mngr = checkpoint_manager(workdir, config.keep_checkpoints) if os.path.isdir(ckpt_root) else None
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state.as_dict())
     restored, restored_step, bad = ckpt.restore_newest_good(
-        ckpt_root, lambda s: mngr.restore(s, args=ocp.args.StandardRestore(abstract)),
+        ckpt_root, lambda s: TrainState.from_dict(mngr.restore(s, args=ocp.args.StandardRestore(abstract))),
         fallback=not strict_checkpoints)
     if restored is not None:
         state = restored
-    start = int(jax.device_get(state["step"]))
+    start = int(jax.device_get(state.step))
     if restored_step is not None and start != restored_step:
         raise ckpt.CheckpointError(f"checkpoint step {restored_step} in {ckpt_root} holds the state of step {start}")
     if config.num_steps < start:
@@ -407,24 +522,10 @@ def train_and_evaluate(config: Config, workdir: str, *, strict_checkpoints: bool
         mngr = checkpoint_manager(workdir, config.keep_checkpoints)
     writer = MetricsWriter(workdir)
     if jax.process_index() == 0:
-        dropped = _truncate_metrics(writer.path, start)
-        if dropped:
-            log.info("dropped %d metrics record(s) logged after step %d (the step resumed from)", dropped, start)
-        if changes:
-            log.warning("resuming %s at step %d with changed loop settings: %s", workdir, start,
-                        ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in sorted(changes.items())))
-        ckpt.atomic_write(os.path.join(workdir, "config.json"), config.to_json())
-        history = os.path.join(workdir, "config_history.jsonl")
-        previous = open(history).read() if os.path.isfile(history) else ""
-        if previous and not previous.endswith("\n"):
-            previous = previous[:previous.rfind("\n") + 1]  # a partly written last line
-        record = {"start_step": start, "resumed": restored is not None,
-                  "changed": {k: list(v) for k, v in sorted(changes.items())},
-                  "passed_over_checkpoints": [s for s, _ in bad]}
-        ckpt.atomic_write(history, previous + json.dumps(record, sort_keys=True) + "\n")
+        _record_start(workdir, config, start=start, resumed=restored is not None, changes=changes,
+                      passed_over=[s for s, _ in bad], metrics_path=writer.path)
     if train_ds.skipped:
         log.warning("skipped %d unreadable image(s):\n  %s", len(train_ds.skipped), "\n  ".join(train_ds.skipped))
-
 
     bar = None
     if config.progress and jax.process_index() == 0:
@@ -433,99 +534,41 @@ def train_and_evaluate(config: Config, workdir: str, *, strict_checkpoints: bool
         bar = tqdm(total=config.num_steps, initial=start, desc=f"{config.model}+{config.attn}", unit="step",
                    dynamic_ncols=True)
 
-    pending: list[tuple[int, dict[str, jax.Array]]] = []
-    t_first_done = None
-    compile_seconds = None
-    images_timed = 0
-    eval_seconds = 0.0
-    t_interval, images_interval = time.perf_counter(), 0
-
-    def flush(step_done: int) -> None:
-        """Fetches the pending per-step metrics (a host sync), checks them, logs their mean."""
-        nonlocal pending, t_interval, images_interval
-        if not pending:
-            return
-        fetched = jax.device_get([m for _, m in pending])
-        steps = [s for s, _ in pending]
-        for s, m in zip(steps, fetched):
-            if not np.isfinite(m["loss"]):
-                finish_checkpoints()
-                good = ckpt.newest_verified_step(ckpt_root)
-                where = (f"The last good checkpoint (checksum verified) is step {good} in {ckpt_root}"
-                         if good is not None else f"No checkpoint in {ckpt_root} verifies")
-                raise NonFiniteLossError(
-                    f"non-finite training loss ({m['loss']}) at step {s} (0-based; the batch of that step); "
-                    f"stopping. {where}")
-        loss = float(np.mean([m["loss"] for m in fetched]))
-        acc = float(np.sum([m["correct"] for m in fetched]) / (len(fetched) * config.batch_size))
-        now = time.perf_counter()
-        ips = images_interval / max(now - t_interval, 1e-9)
-        writer.write(split="train", step=step_done, loss=loss, accuracy=acc, images_per_sec=ips,
-                     learning_rate=float(fns_lr(step_done - 1)))
-        if bar is not None:
-            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", img_s=f"{ips:.0f}")
-        pending = []
-        t_interval, images_interval = now, 0
-
-    def _train_loop() -> None:
-        nonlocal state, t_first_done, compile_seconds, t_interval, images_interval, images_timed, eval_seconds
+    saver = ckpt.RunCheckpoints(mngr, ckpt_root)
+    lr = learning_rate_schedule(config)
+    meter = Meter(config.batch_size)
+    pending: list[tuple[int, dict[str, jax.Array]]] = []  # per-step metrics still on the device
+    try:
         for step, x, y in data_lib.device_batches(train_ds, batch_size=config.batch_size, seed=config.seed,
                                                   start_step=start, num_steps=config.num_steps,
                                                   sharding=fns.batch_sharding, prefetch=config.prefetch):
             state, metrics = fns.train_step(state, x, y)
             pending.append((step, metrics))
+            meter.step_done(metrics)
             done = step + 1
-            if t_first_done is None:
-                # the first step includes compilation: wait for it once so that images/s measures steady state
-                jax.block_until_ready(metrics)
-                t_first_done = time.perf_counter()
-                compile_seconds = t_first_done - t_loop
-                t_interval, images_interval = t_first_done, 0
-            else:
-                images_interval += config.batch_size
-                images_timed += config.batch_size
             if bar is not None:
                 bar.update(1)
-            if unsummed and not mngr.is_saving_in_progress():  # orbax finished: checksum it right away
-                finish_checkpoints()
+            saver.poll()  # orbax finished the previous save: checksum it right away
             is_last = done == config.num_steps
             want_ckpt = is_last or (config.checkpoint_every and done % config.checkpoint_every == 0)
             want_eval = config.eval_every and done % config.eval_every == 0 and not is_last
             if done % config.log_every == 0 or want_ckpt or want_eval or is_last:
-                flush(done)
+                # metrics are checked before every checkpoint: a checkpoint never holds a non-finite state
+                _log_train(pending, done, meter=meter, writer=writer, lr=lr, batch_size=config.batch_size,
+                           bar=bar, saver=saver)
+                pending = []
             if want_eval:
                 t0 = time.perf_counter()
-                ev = evaluate(fns, state, val_ds, config.batch_size)
-                writer.write(split="eval", step=done, **ev)
-                dt = time.perf_counter() - t0
-                eval_seconds += dt
-                t_interval += dt
+                writer.write(split="eval", step=done, **evaluate(fns, state, val_ds, config.batch_size))
+                meter.exclude(time.perf_counter() - t0)
             if want_ckpt:
-                finish_checkpoints()
-                mngr.save(done, args=ocp.args.StandardSave(state))
-                unsummed.append(done)
-
-    unsummed: list[int] = []  # steps saved (asynchronously) whose checksum file is not written yet
-
-    def finish_checkpoints() -> None:
-        """Waits for orbax, then writes the checksum file of each checkpoint it finished (process 0)."""
-        mngr.wait_until_finished()
-        for step in unsummed:
-            d = os.path.join(ckpt_root, str(step))
-            if jax.process_index() == 0 and os.path.isdir(d):
-                ckpt.write_checksums(d)
-        unsummed.clear()
-
-    fns_lr = learning_rate_schedule(config)
-    t_loop = time.perf_counter()
-    try:
-        _train_loop()
+                saver.save(done, state.as_dict())
     finally:
         # an interrupted run (Ctrl-C, an exception) still finishes the checkpoint being written
-        finish_checkpoints()
+        saver.finish()
         if bar is not None:
             bar.close()
-    train_seconds = (time.perf_counter() - t_first_done - eval_seconds) if t_first_done else 0.0
+    meter.stop()
     if mngr.latest_step() != config.num_steps and start < config.num_steps:
         raise RuntimeError(f"final checkpoint missing (latest {mngr.latest_step()})")
 
@@ -534,9 +577,9 @@ def train_and_evaluate(config: Config, workdir: str, *, strict_checkpoints: bool
     summary: dict[str, Any] = {
         "model": config.model, "attn": config.attn, "dataset": config.dataset, "steps": config.num_steps,
         "resumed_from": start, "val_loss": ev["loss"], "val_accuracy": ev["accuracy"],
-        "params": count_params(state["params"]),
-        "images_per_sec": images_timed / train_seconds if train_seconds > 0 and images_timed else None,
-        "compile_seconds": compile_seconds, "devices": jax.device_count(),
+        "params": count_params(state.params),
+        "images_per_sec": meter.images_per_sec(),
+        "compile_seconds": meter.compile_seconds, "devices": jax.device_count(),
         "processes": jax.process_count(),
     }
     num_true = len(val_ds) if val_ds.boxes is not None else 0
@@ -552,7 +595,7 @@ def train_and_evaluate(config: Config, workdir: str, *, strict_checkpoints: bool
                 val_ds.images[:k], val_ds.labels[:k], val_ds.class_names,
                 None if val_ds.boxes is None else val_ds.boxes[:k])
             np.savez_compressed(os.path.join(workdir, "cams.npz"), cam_pred=cams["cam_pred"], pred=cams["pred"])
-    if t_first_done is None:  # nothing left to train: keep the throughput measured by the run that trained
+    if not meter.trained:  # nothing left to train: keep the throughput measured by the run that trained
         previous = _last_summary(writer.path)
         summary["images_per_sec"] = previous.get("images_per_sec")
         summary["compile_seconds"] = previous.get("compile_seconds")
