@@ -509,6 +509,7 @@ def test_long_error_lists_are_capped_and_wrong_architecture_is_said():
     e = info.value
     assert len(e.problems) == 170                                   # 120 missing + 50 unexpected
     msg = str(e)
+    assert "170 problems: 120 missing, 50 unexpected" in msg
     assert msg.count("\n  - ") == 20 and "... and 150 more (all 170 are listed on this exception's .problems)" in msg
     assert len(msg) < 4000
     assert "0 of the checkpoint's 50 keys match" in msg and "another architecture" in msg

@@ -30,7 +30,8 @@ class ConversionError(ValueError):
         self.hints: list[str] = list(hints)
         self.header = header
         n = len(self.problems)
-        lines = [f"{header} ({n} problem{'s' * (n != 1)}):"]
+        kinds = _kinds(self.problems) if n > MAX_LISTED else ""
+        lines = [f"{header} ({n} problem{'s' * (n != 1)}{kinds}):"]
         lines += [f"  {h}" for h in self.hints]
         lines += [f"  - {p}" for p in self.problems[:MAX_LISTED]]
         if n > MAX_LISTED:
@@ -43,6 +44,16 @@ class ConversionError(ValueError):
 
     def __reduce__(self):  # picklable (pytest-xdist, multiprocessing) with its problem list intact
         return (_rebuild_conversion_error, (self.problems, self.header, self.hints))
+
+
+def _kinds(problems: list[str]) -> str:
+    """``": 52 missing, 36 unexpected"``: the problems counted by kind (for messages that list only some)."""
+    counts: dict[str, int] = {}
+    for p in problems:
+        kind = next((k for k in ("missing", "unexpected", "shape mismatch", "dtype mismatch") if p.startswith(k)),
+                    "other")
+        counts[kind] = counts.get(kind, 0) + 1
+    return ": " + ", ".join(f"{v} {k}" for k, v in counts.items())
 
 
 def _rebuild_conversion_error(problems: list[str], header: str, hints: list[str] = ()) -> ConversionError:
