@@ -117,8 +117,10 @@ def structural_key(obj: Any, _depth: int = 0) -> Any:
     function reads (an attribute of a module, an NNX model's parameters) are read when it is traced.
 
     Example:
-        >>> structural_key(lambda o: o[3]) == structural_key(lambda o: o[3])
-        True
+        >>> def target(c):
+        ...     return lambda o: o[c]
+        >>> structural_key(target(3)) == structural_key(target(3)), structural_key(target(3)) == structural_key(target(4))
+        (True, False)
     """
     if _depth > 8:
         return ("id", _Id(obj))
@@ -210,7 +212,8 @@ def nnx_module_paths(model: nnx.Module) -> list[str]:
                 continue
             obj = obj[p] if isinstance(p, int) else getattr(obj, p)
             parts.append(str(p))
-        out.append(".".join(parts))
+        if parts:  # a Sequential's own ``layers`` list is not a path
+            out.append(".".join(parts))
     return sorted(set(out), key=lambda s: (s.count("."), s))
 
 
