@@ -6,9 +6,9 @@ import, the package would otherwise try to reach the network for fonts / updates
 
 * :func:`package_model` builds ``Model("<package>/models/<name>.yaml", nc=...)`` in eval mode, with every
   floating parameter drawn afresh (:func:`parity_tests._utils.randomize_module_`) and random BatchNorm
-  statistics drawn *around the statistics the network actually produces* (:func:`calibrate_bn_`): a
-  BN's running mean/var are set from one random calibration batch, then the mean is shifted by
-  ``0.3 std N(0, 1)`` and the variance scaled by ``U(0.6, 1.4)`` (per channel, never identity).
+  statistics drawn *around the statistics the network actually produces* (:func:`calibrate_bn_`): each
+  BN's running mean/var are set from its input on one random calibration batch, then the mean is shifted
+  by ``0.3 std N(0, 1)`` and the variance scaled by ``U(0.6, 1.4)`` (per channel, never identity).
   Why not purely random statistics (mean ~ N(0, 0.25), var ~ U(0.5, 2), as the backbone tests use): over
   YOLOv5's 60 conv+BN layers those let the activations grow layer after layer, and the float32 output of
   the *package itself* is then 3e-5 .. 1e-4 away from its own float64 run (measured, yolov5n 320x416),
@@ -52,26 +52,34 @@ def yaml_path(name: str) -> str:
 
 
 def calibrate_bn_(model: torch.nn.Module, seed: int = 0, shape: tuple[int, ...] = (2, 3, 128, 160)) -> torch.nn.Module:
-    """Random BatchNorm statistics around those of one random batch (see the module docstring); eval mode.
+    """Random BatchNorm statistics around those each BN sees (see the module docstring); eval mode.
 
-    Works on any torch module with BatchNorm2d layers (the package's YOLOv5, ``torch_ref.yolo.YOLOv5``).
-    ``num_batches_tracked`` is left random (set by :func:`randomize_module_`).
+    One eval-mode forward pass of a random batch with a pre-hook on every BatchNorm2d that, just before the
+    layer runs, sets its running mean / variance from its actual input (per channel), then shifts the mean
+    by ``0.3 std N(0, 1)`` and scales the variance by ``U(0.6, 1.4)``. Every BN therefore sees the
+    *perturbed* output of the layers before it, so the perturbations do not compound over depth (setting
+    all statistics from one training-mode pass and perturbing afterwards lets the eval activations grow
+    ~1000x by layer 23, and the float32 reference becomes ill-conditioned again). Works on any torch module
+    with BatchNorm2d layers; ``num_batches_tracked`` keeps its (random) value.
     """
     g = torch.Generator().manual_seed(seed + 1)
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    saved = [(b.momentum, b.num_batches_tracked.clone()) for b in bns]
-    for b in bns:
-        b.momentum = 1.0  # running stats := this batch's statistics
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(shape, generator=g))
-        for b, (momentum, nbt) in zip(bns, saved):
-            b.momentum = momentum
-            b.num_batches_tracked.copy_(nbt)
-            std = b.running_var.sqrt()
-            b.running_mean.add_(0.3 * std * torch.randn(b.running_mean.shape, generator=g))
-            b.running_var.mul_(0.6 + 0.8 * torch.rand(b.running_var.shape, generator=g))
-    return model.eval()
+
+    def pre_hook(bn: torch.nn.BatchNorm2d, args: tuple[torch.Tensor, ...]) -> None:
+        x = args[0].detach()
+        mean = x.mean(dim=(0, 2, 3))
+        var = x.var(dim=(0, 2, 3), unbiased=False).clamp_min(1e-6)
+        bn.running_mean.copy_(mean + 0.3 * var.sqrt() * torch.randn(mean.shape, generator=g).to(mean.dtype))
+        bn.running_var.copy_(var * (0.6 + 0.8 * torch.rand(var.shape, generator=g)).to(var.dtype))
+
+    handles = [m.register_forward_pre_hook(pre_hook) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.randn(shape, generator=g))
+    finally:
+        for h in handles:
+            h.remove()
+    return model
 
 
 def package_model(name: str = "yolov5s", *, nc: int = 80, seed: int = 0, randomize: bool = True) -> torch.nn.Module:
