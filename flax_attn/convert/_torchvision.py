@@ -54,12 +54,16 @@ def torchvision_key_map(model: nnx.Module) -> KeyMap:
     """The key map between ``model`` (a :mod:`flax_attn.models` backbone) and its torchvision twin.
 
     Identity names except a ResNet block's attention (``layerX.Y.attn`` -> ``layerX.Y.se`` / ``.cbam``
-    for the ``se_classic`` / ``cbam_official`` presets); preset maps nest automatically.
+    for the ``se_classic`` / ``cbam_official`` presets). The attention blocks' preset maps are nested by
+    the conversion itself (see :func:`flax_attn.convert.module_key_map` for the map a conversion uses).
 
     Example:
+        >>> from flax_attn.convert import module_key_map
         >>> from flax_attn.models import create_model
-        >>> km = torchvision_key_map(create_model("cbam_resnet18", num_classes=10))
-        >>> km.torch_key("layer1.0.attn.channel.fc1.kernel")
+        >>> model = create_model("cbam_resnet18", num_classes=10)
+        >>> torchvision_key_map(model).torch_key("layer1.0.attn.channel.fc1.kernel")
+        'layer1.0.cbam.channel.fc1.weight'
+        >>> module_key_map(model, torchvision_key_map(model)).torch_key("layer1.0.attn.channel.fc1.kernel")
         'layer1.0.cbam.ChannelGate.mlp.1.weight'
     """
     from flax_attn.models.resnet import ResNet
