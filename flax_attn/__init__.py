@@ -20,8 +20,8 @@ from flax_attn.layers import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "BatchNorm",
     "CBAM",
+    "BatchNorm",
     "CBAMSpec",
     "ChannelAttention",
     "ChannelSpec",
@@ -38,6 +38,6 @@ __all__ = [
 ]
 
 # Sub-packages, importable as attributes (``flax_attn.cam.GradCAM``); none of them imports torch.
-from flax_attn import cam, convert, layers, linen, models  # noqa: E402
+from flax_attn import cam, convert, layers, linen, models
 
 __all__ += ["cam", "convert", "layers", "linen", "models"]

@@ -81,9 +81,10 @@ def save_cam_grid(path: str, rows: list[tuple[str, np.ndarray, np.ndarray]], ima
             if j == 0:
                 a.set_ylabel(name, fontsize=9)
         if boxes is not None:
-            t, l, b, rr = boxes[j]
+            top, left, bottom, right = boxes[j]
             for r in range(1 + len(rows)):
-                axes[r, j].add_patch(Rectangle((l - 0.5, t - 0.5), rr - l, b - t, fill=False, ec="lime", lw=1))
+                axes[r, j].add_patch(Rectangle((left - 0.5, top - 0.5), right - left, bottom - top,
+                                               fill=False, ec="lime", lw=1))
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])

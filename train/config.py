@@ -116,11 +116,11 @@ class Config:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         for name in ("learning_rate", "weight_decay", "grad_clip_norm"):
             v = getattr(self, name)
-            if not (0.0 <= v and math.isfinite(v)):
+            if not (v >= 0.0 and math.isfinite(v)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v}")
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1) (SGD momentum / AdamW beta1), got {self.momentum}")
-        if not (0.0 < self.step_factor and math.isfinite(self.step_factor)):
+        if not (self.step_factor > 0.0 and math.isfinite(self.step_factor)):
             raise ValueError(f"step_factor must be a finite number > 0, got {self.step_factor}")
         if not all(0.0 < m < 1.0 for m in self.step_milestones):
             raise ValueError(f"step_milestones must be fractions in (0, 1), got {self.step_milestones}")

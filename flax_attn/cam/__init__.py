@@ -48,6 +48,7 @@ from flax_attn.cam.engine import AUG_TRANSFORMS, CamResult, check_images, comput
 from flax_attn.cam.image import jet_colormap, plot_cam_grid, show_cam_on_image
 from flax_attn.cam.methods import CamInputs, CamMethod, finer_cam, get_method, list_methods, register_method
 from flax_attn.cam.postprocess import aggregate_layers, first_component_projection, resize_maps, scale_cam
+from flax_attn.cam.taps import FunctionTap, LinenTap, NNXTap, Tap, make_tap, structural_key
 from flax_attn.cam.targets import (
     BinaryClassifierOutputTarget,
     ClassifierOutputReST,
@@ -61,11 +62,11 @@ from flax_attn.cam.targets import (
     Target,
     normalize_targets,
 )
-from flax_attn.cam.taps import FunctionTap, LinenTap, NNXTap, Tap, make_tap, structural_key
 
 __all__ = [
     "AUG_TRANSFORMS",
     "BACKWARD_TYPES",
+    "DEFAULT_COMPILE_CACHE_SIZE",
     "BaseCAM",
     "BinaryClassifierOutputTarget",
     "CacheInfo",
@@ -75,7 +76,6 @@ __all__ = [
     "ClassifierOutputReST",
     "ClassifierOutputSoftmaxTarget",
     "ClassifierOutputTarget",
-    "DEFAULT_COMPILE_CACHE_SIZE",
     "DetectionCAM",
     "DetectionCAMs",
     "EigenCAM",
@@ -116,8 +116,8 @@ __all__ = [
     "make_tap",
     "normalize_targets",
     "plot_cam_grid",
-    "preflight",
     "plot_detection_grid",
+    "preflight",
     "register_method",
     "renormalize_in_boxes",
     "resize_maps",
@@ -126,6 +126,6 @@ __all__ = [
     "scale_cam",
     "set_compile_cache_size",
     "show_cam_on_image",
-    "structural_key",
     "show_detection_cams",
+    "structural_key",
 ]

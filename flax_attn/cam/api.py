@@ -25,8 +25,8 @@ import jax
 
 from flax_attn.cam.engine import CamResult, compute_cam_prepared, preflight
 from flax_attn.cam.methods import CamMethod, finer_cam, get_method
-from flax_attn.cam.targets import PreparedTargets
 from flax_attn.cam.taps import make_tap, structural_key
+from flax_attn.cam.targets import PreparedTargets
 
 __all__ = [
     "DEFAULT_COMPILE_CACHE_SIZE",

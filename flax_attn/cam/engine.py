@@ -16,8 +16,8 @@ import jax.numpy as jnp
 
 from flax_attn.cam.methods import CamInputs, CamMethod, get_method
 from flax_attn.cam.postprocess import aggregate_layers, resize_maps, scale_cam
-from flax_attn.cam.targets import CallableGrid, ClassifierOutputTarget, PreparedTargets, Target, normalize_targets
 from flax_attn.cam.taps import Tap
+from flax_attn.cam.targets import CallableGrid, ClassifierOutputTarget, PreparedTargets, Target, normalize_targets
 
 __all__ = ["AUG_TRANSFORMS", "CamResult", "check_images", "compute_cam", "compute_cam_prepared", "preflight"]
 

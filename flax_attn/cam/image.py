@@ -69,7 +69,7 @@ def show_cam_on_image(img: Any, mask: Any, use_rgb: bool = False, colormap: Any 
         raise ValueError(f"image_weight should be in the range [0, 1], got {image_weight}")
     if not traced and img.size and float(np.max(img)) > 1:
         raise ValueError(f"img: expected np.float32 values in the range [0, 1], got max {float(np.max(img))}")
-    if isinstance(colormap, str) and colormap.lower() == "jet" or (isinstance(colormap, int) and colormap == 2):
+    if (isinstance(colormap, str) and colormap.lower() == "jet") or (isinstance(colormap, int) and colormap == 2):
         lut = jet_colormap()
     else:
         lut = np.asarray(colormap)

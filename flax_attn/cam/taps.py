@@ -30,7 +30,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -346,7 +345,7 @@ class _NNXStatic:
 
 
 class _NNXSplitTap(NNXTap):
-    def __init__(self, static: _NNXStatic, state):  # noqa: D401 - internal, already validated
+    def __init__(self, static: _NNXStatic, state):
         self.static, self.state = static, state
         self.layers, self.call, self.eval_mode = static.layers, static.call, static.eval_mode
         self.model = None

@@ -96,6 +96,6 @@ __all__ = [
 ]
 
 # YOLOv5 key maps (flax_attn/convert/yolo.py) are exported below this line.
-from flax_attn.convert.yolo import from_yolov5, to_yolov5  # noqa: E402  (imports the names above)
+from flax_attn.convert.yolo import from_yolov5, to_yolov5
 
 __all__ += ["from_yolov5", "to_yolov5"]

@@ -86,7 +86,7 @@ class KeyMap:
 
     renames: Mapping[str, str] = field(default_factory=dict)
     conv1x1: Iterable[str] = ()
-    nested: Mapping[str, Union["KeyMap", str]] = field(default_factory=dict)
+    nested: Mapping[str, KeyMap | str] = field(default_factory=dict)
     conv1x1_dims: int = 2
     name: str | None = None
 
@@ -151,7 +151,7 @@ class KeyMap:
 
     def translate(self, module_path: str | Iterable[str]) -> tuple[str, bool]:
         """Translates a Flax *module* path to ``(torch module path, is_conv1x1)``."""
-        torch_path, conv, dims = self._translate(_split(module_path))
+        torch_path, conv, _dims = self._translate(_split(module_path))
         return ".".join(torch_path), conv
 
     def _translate(self, path: Path) -> tuple[Path, bool, int]:

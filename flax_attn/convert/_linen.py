@@ -30,7 +30,7 @@ def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
 
 def _plan(variables: Any, key_map: KeyMapLike) -> tuple[list[Slot], list[tuple], list[str]]:
     if not isinstance(variables, Mapping):
-        hint = " (for NNX modules use torch_to_nnx / nnx_to_torch)" if hasattr(variables, "__call__") else ""
+        hint = " (for NNX modules use torch_to_nnx / nnx_to_torch)" if callable(variables) else ""
         raise TypeError(f"variables must be a Linen variables mapping like {{'params': ..., 'batch_stats': ...}}, "
                         f"got {type(variables).__name__}{hint}")
     if "params" not in variables and "batch_stats" not in variables:

@@ -19,6 +19,7 @@ from flax_attn.convert._arrays import tensor_to_numpy
 from flax_attn.convert._errors import ConversionError, ConversionWarning
 from flax_attn.convert._keymap import NBT, KeyMap, Path, torch_leaf_name
 
+
 @dataclass
 class Slot:
     """One Flax variable and where/how it lives in a PyTorch ``state_dict``."""

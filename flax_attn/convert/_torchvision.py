@@ -273,7 +273,7 @@ def _model_signature(name: str, family: str) -> tuple | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _registered_key_set(name: str) -> frozenset[str]:
     """The torch keys (without ``num_batches_tracked``) of registered model ``name`` with default options,
     from an abstract build (no initialisation); cached per process."""

@@ -13,10 +13,10 @@ from flax_attn.layers.specs import BlockSpec, CBAMSpec, ChannelSpec, SESpec, Spa
 from flax_attn.layers.squeeze_excite import SqueezeExcite
 
 __all__ = [
+    "CBAM",
     "AttnSpec",
     "BatchNorm",
     "BlockSpec",
-    "CBAM",
     "CBAMSpec",
     "ChannelAttention",
     "ChannelSpec",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar, Union
+from typing import Any, TypeVar
 
 import jax.numpy as jnp
 from flax import nnx
@@ -28,7 +28,7 @@ AttnFactory = Callable[..., nnx.Module]
 
 #: what a backbone's ``attn=`` takes: a registered name, a block spec, a factory
 #: ``factory(channels, *, rngs, **kwargs) -> nnx.Module``, or ``None`` (no block)
-AttnSpec = Union[str, BlockSpec, AttnFactory, None]
+AttnSpec = str | BlockSpec | AttnFactory | None
 
 #: the NNX block class of each spec type
 BLOCK_OF_SPEC: dict[type, type[nnx.Module]] = {

@@ -21,7 +21,7 @@ Example:
 import dataclasses
 import inspect
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar, Union
+from typing import Any, TypeVar
 
 import jax
 
@@ -206,10 +206,10 @@ class SpatialSpec(_Spec):
 # CBAM's flat options: the channel options, the spatial ones (``gate`` is shared), then its own
 _CBAM_OWN = (
     inspect.Parameter("spatial_gate", inspect.Parameter.KEYWORD_ONLY, default=None,
-                      annotation=Union[ActivationLike, None]),
+                      annotation=ActivationLike | None),
     inspect.Parameter("arrangement", inspect.Parameter.KEYWORD_ONLY, default="channel_first", annotation=str),
     inspect.Parameter("no_spatial", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=bool),
-    inspect.Parameter("preset", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Union[str, None]),
+    inspect.Parameter("preset", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=str | None),
 )
 
 
@@ -295,5 +295,14 @@ def options_signature(fn: Callable[..., Any], spec_cls: type[_Spec]) -> inspect.
     return sig.replace(parameters=[*params[:cut], *spec_cls.options(), *params[cut:]])
 
 
-__all__ = ["ARRANGEMENTS", "BlockSpec", "CBAMSpec", "COMPRESS_FUSIONS", "ChannelSpec", "POOL_FUSIONS", "SESpec",
-           "SpatialSpec", "SpecBlock"]
+__all__ = [
+    "ARRANGEMENTS",
+    "COMPRESS_FUSIONS",
+    "POOL_FUSIONS",
+    "BlockSpec",
+    "CBAMSpec",
+    "ChannelSpec",
+    "SESpec",
+    "SpatialSpec",
+    "SpecBlock",
+]

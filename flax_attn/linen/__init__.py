@@ -23,16 +23,16 @@ Example:
     (2, 7, 9, 64)
 """
 
+from flax_attn.convert import linen_variables_to_nnx, nnx_to_linen_variables  # re-exported: they live in convert
 from flax_attn.linen.cbam import CBAM
 from flax_attn.linen.channel_attn import ChannelAttention, SqueezeExcite
 from flax_attn.linen.norm import BatchNorm
-from flax_attn.convert import linen_variables_to_nnx, nnx_to_linen_variables  # re-exported: they live in convert
 from flax_attn.linen.registry import create_attn, from_nnx
 from flax_attn.linen.spatial_attn import SpatialAttention
 
 __all__ = [
-    "BatchNorm",
     "CBAM",
+    "BatchNorm",
     "ChannelAttention",
     "SpatialAttention",
     "SqueezeExcite",

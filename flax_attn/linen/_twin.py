@@ -8,6 +8,7 @@ The module validates its options once, by building ``self.spec``.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, ClassVar
 
 from flax import linen as nn
@@ -23,7 +24,7 @@ class SpecModule(nn.Module):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         spec_cls = cls.__dict__.get("Spec")
         if spec_cls is not None:
-            own = dict(cls.__dict__.get("__annotations__", {}))
+            own = dict(inspect.get_annotations(cls))
             head = {"channels": own.pop("channels")} if "channels" in own else {}
             options = spec_cls.options()
             cls.__annotations__ = {**head, **{p.name: p.annotation for p in options}, **own}

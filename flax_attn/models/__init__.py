@@ -9,8 +9,8 @@ Build by name with :func:`create_model`; import torchvision weights with
 from flax_attn.models._common import NamedSequential, Sequential, StochasticDepth
 from flax_attn.models.efficientnet import EFFICIENTNET_CONFIGS, EfficientNet, EfficientNetConfig
 from flax_attn.models.mobilenetv3 import InvertedResidualConfig, MobileNetV3
-from flax_attn.models.regnet import REGNET_CONFIGS, RegNet, RegNetConfig
 from flax_attn.models.registry import create_model, list_models, register_model
+from flax_attn.models.regnet import REGNET_CONFIGS, RegNet, RegNetConfig
 from flax_attn.models.resnet import BasicBlock, Bottleneck, ResNet
 from flax_attn.models.vgg import VGG
 from flax_attn.models.yolo import YOLOV5_ANCHORS, YOLOV5_CONFIGS, YOLOv5, yolov5_num_params
@@ -28,25 +28,25 @@ from flax_attn.models.yolo_ops import (
 )
 
 __all__ = [
+    "EFFICIENTNET_CONFIGS",
+    "REGNET_CONFIGS",
+    "VGG",
+    "YOLOV5_ANCHORS",
+    "YOLOV5_CONFIGS",
     "BasicBlock",
     "Bottleneck",
     "Detections",
-    "EFFICIENTNET_CONFIGS",
     "EfficientNet",
     "EfficientNetConfig",
     "InvertedResidualConfig",
     "MobileNetV3",
     "NMSResult",
     "NamedSequential",
-    "REGNET_CONFIGS",
     "RegNet",
     "RegNetConfig",
     "ResNet",
     "Sequential",
     "StochasticDepth",
-    "VGG",
-    "YOLOV5_ANCHORS",
-    "YOLOV5_CONFIGS",
     "YOLOv5",
     "box_iou",
     "create_model",

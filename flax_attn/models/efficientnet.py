@@ -20,8 +20,8 @@ from flax import nnx
 from flax_attn.layers import make_divisible
 from flax_attn.models._common import (
     AttnSpec,
-    Dtype,
     Dropout,
+    Dtype,
     Sequential,
     StochasticDepth,
     check_image,

@@ -19,11 +19,11 @@ from flax import nnx
 from flax_attn.layers import make_divisible
 from flax_attn.models._common import (
     AttnSpec,
-    Dtype,
     Dropout,
+    Dtype,
     Sequential,
-    check_image,
     act_module,
+    check_image,
     conv_norm_act,
     linear,
     make_attn,

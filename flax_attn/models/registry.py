@@ -13,7 +13,7 @@ from flax_attn.models.efficientnet import EFFICIENTNET_CONFIGS, EfficientNet
 from flax_attn.models.mobilenetv3 import MobileNetV3
 from flax_attn.models.regnet import REGNET_CONFIGS, RegNet
 from flax_attn.models.resnet import ResNet
-from flax_attn.models.vgg import VGG_ARCHS, VGG
+from flax_attn.models.vgg import VGG, VGG_ARCHS
 from flax_attn.models.yolo import YOLOV5_CONFIGS, YOLOv5
 
 ModelFactory = Callable[..., nnx.Module]

@@ -14,8 +14,8 @@ from flax import nnx
 from flax_attn.layers.norm import BatchNorm
 from flax_attn.models._common import (
     Activation,
-    Dtype,
     Dropout,
+    Dtype,
     MaxPool2d,
     Sequential,
     adaptive_avg_pool2d,
@@ -25,7 +25,6 @@ from flax_attn.models._common import (
     normal,
     zeros,
 )
-
 
 #: torchvision's ``cfgs``: conv widths, ``"M"`` = 2x2 max-pool.
 VGG_CONFIGS: dict[str, list[int | str]] = {
