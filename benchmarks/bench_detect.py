@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     from pytorch_grad_cam import XGradCAM
 
     import flax_attn.cam as fc
-    from flax_attn.convert.yolo import from_yolov5
+    from flax_attn.convert import from_yolov5
     from parity_tests.yolo_ref import package_model
 
     torch.set_num_threads(args.threads)

@@ -39,7 +39,7 @@ from pytorch_grad_cam.activations_and_gradients import ActivationsAndGradients
 from pytorch_grad_cam.utils.image import scale_cam_image
 
 import flax_attn.cam as fc
-from flax_attn.convert.yolo import from_yolov5
+from flax_attn.convert import from_yolov5
 from flax_attn.models import letterbox
 from parity_tests.yolo_ref import package_model
 

@@ -1,5 +1,5 @@
 """YOLOv5 parity: the real YOLOv5 7.0 package (test-only, AGPL, see ``parity_tests/yolo_ref.py``) is the
-ground truth for :class:`flax_attn.models.YOLOv5`, ``flax_attn.convert.yolo`` and ``torch_ref.yolo``.
+ground truth for :class:`flax_attn.models.YOLOv5`, ``flax_attn.convert.from_yolov5`` and ``torch_ref.yolo``.
 
 Weights: every floating parameter drawn afresh, BatchNorm statistics random around the statistics each BN
 sees (``yolo_ref.calibrate_bn_``; why not purely random ones is explained there). Inputs: random NCHW
@@ -27,7 +27,7 @@ import torch
 from flax import nnx
 
 from flax_attn.convert import ConversionError
-from flax_attn.convert.yolo import from_yolov5, to_yolov5
+from flax_attn.convert import from_yolov5, to_yolov5
 from flax_attn.models import create_model, letterbox, non_max_suppression, scale_boxes, yolov5_num_params
 from parity_tests._utils import assert_close, rel_err, random_input, randomize_module_, to_channels_last
 from parity_tests.yolo_ref import _package, calibrate_bn_, package_model

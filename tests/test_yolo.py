@@ -80,9 +80,9 @@ def test_decoding_formula(tiny):
 
 
 def test_layer_names_are_pytorch_paths(tiny):
-    from flax_attn.convert.yolo import to_numpy
+    from flax_attn.convert import to_yolov5_numpy
 
-    sd = to_numpy(tiny)
+    sd = to_yolov5_numpy(tiny)
     assert "model.23.cv3.conv.weight" in sd and "model.24.m.0.weight" in sd and "model.24.anchors" in sd
     assert sd["model.24.m.0.weight"].shape == (3 * 8, 64, 1, 1)
     assert sd["model.9.cv2.bn.running_var"].shape == (256,)

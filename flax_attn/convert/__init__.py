@@ -95,7 +95,7 @@ __all__ = [
     "torchvision_key_map",
 ]
 
-# YOLOv5 key maps (flax_attn/convert/yolo.py) are exported below this line.
-from flax_attn.convert.yolo import from_yolov5, to_yolov5
+# YOLOv5 key maps (flax_attn/convert/_yolo.py) are exported below this line.
+from flax_attn.convert._yolo import YOLOV5_KEY_MAP, from_yolov5, to_yolov5, to_yolov5_numpy
 
-__all__ += ["from_yolov5", "to_yolov5"]
+__all__ += ["YOLOV5_KEY_MAP", "from_yolov5", "to_yolov5", "to_yolov5_numpy"]

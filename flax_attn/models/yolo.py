@@ -8,7 +8,7 @@ box decoding ``xy = (2 sigmoid - 0.5 + grid) * stride``, ``wh = (2 sigmoid)^2 * 
 
 Module paths are the PyTorch ones: ``model.0`` ... ``model.24`` (``model.23`` is the last C3, ``model.24``
 the Detect head with ``model.24.m.0`` .. ``model.24.m.2``), so a YOLOv5 ``state_dict`` maps onto the Flax
-variables name for name (:mod:`flax_attn.convert.yolo`) and CAM target paths read as in PyTorch
+variables name for name (:func:`flax_attn.convert.from_yolov5`) and CAM target paths read as in PyTorch
 (``target_layers=["model.23"]`` is the article's ``model.model[-2]``).
 
 Modes: ``model.eval()`` returns the decoded predictions ``(B, N, 5 + nc)`` (``N = 3 * sum(H_i * W_i)``,

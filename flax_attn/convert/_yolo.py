@@ -24,7 +24,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from flax_attn.convert import KeyMap, nnx_to_numpy, nnx_to_torch, register_key_map, torch_to_nnx
+from flax_attn.convert._keymap import KeyMap, register_key_map
+from flax_attn.convert._nnx import nnx_to_numpy, nnx_to_torch, torch_to_nnx
 
 #: identity names: the Flax paths are the PyTorch ones
 YOLOV5_KEY_MAP: KeyMap = register_key_map("yolov5", KeyMap(name="yolov5"))
@@ -67,7 +68,7 @@ def from_yolov5(
 
     Example:
         >>> from flax_attn.models import create_model
-        >>> sd = to_numpy(create_model("yolov5n", num_classes=2))
+        >>> sd = to_yolov5_numpy(create_model("yolov5n", num_classes=2))
         >>> model = from_yolov5("yolov5n", sd)
         >>> model.num_classes, model.model[24].anchors.shape
         (2, (3, 3, 2))
@@ -112,7 +113,7 @@ def to_yolov5(model: nnx.Module) -> dict[str, Any]:
     return nnx_to_torch(model, key_map=YOLOV5_KEY_MAP)
 
 
-def to_numpy(model: nnx.Module) -> dict[str, np.ndarray]:
+def to_yolov5_numpy(model: nnx.Module) -> dict[str, np.ndarray]:
     """Like :func:`to_yolov5` with numpy arrays (no torch needed)."""
     _check(model)
     return nnx_to_numpy(model, key_map=YOLOV5_KEY_MAP)
@@ -125,4 +126,4 @@ def _check(model: Any) -> None:
         raise TypeError(f"model must be a flax_attn.models.YOLOv5, got {type(model).__name__}")
 
 
-__all__ = ["YOLOV5_KEY_MAP", "from_yolov5", "to_numpy", "to_yolov5"]
+__all__ = ["YOLOV5_KEY_MAP", "from_yolov5", "to_yolov5", "to_yolov5_numpy"]
