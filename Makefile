@@ -1,5 +1,5 @@
 # Quick start:  make demo   (installs, trains on the bundled data, writes CAM figures)
-#               make test   (installs, runs the whole test suite)
+#               make test   (installs, runs lint, types and the whole test suite)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,7 +9,7 @@ YOLOV5_TEST := requirements/yolov5-test.txt
 # the YOLOv5 7.0 package (AGPL, test-only parity reference) and its helper, installed without their deps
 YOLOV5_NODEPS := yolov5==7.0.14 ultralytics==8.4.190
 
-.PHONY: demo test install-train install-test bench clean
+.PHONY: demo test lint install-train install-test bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,12 @@ install-test: $(VENV)/.test-installed
 demo: install-train
 	$(PY) -m train
 
-test: install-test
+# lint and types first (seconds), then the whole suite
+lint: install-test
+	$(PY) -m ruff check flax_attn train
+	$(PY) -m mypy
+
+test: lint
 	$(PY) -m pytest -n 2 -q
 
 bench: install-test
