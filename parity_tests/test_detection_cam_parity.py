@@ -21,8 +21,10 @@ asserts >= 3 stride-32 ones and >= 3 of the other strides). Input: a random uint
 :func:`flax_attn.models.letterbox` to 224x320 (non-square), RGB / 255 as the article feeds it.
 
 Numerics: float32 on both sides. The tapped layer 23 is 2 convolutions from the output, so the gradient
-path is short and the normalised maps agree to ~1e-6 (asserted: max abs <= 1e-4 as the issue asks); the
-selection (the same prediction rows) is asserted exactly. EigenCAM: grad-cam's ``EigenCAM`` class on the
+path is short; the normalised maps agree to 5e-6 .. 1.2e-5 max abs (measured, XGradCAM / GradCAM++, conf /
+class; asserted: <= 1e-4 as the issue asks). Of the 14 selected detections 3 are stride-32 (non-constant
+maps compared pixel by pixel), the other 11 are the stride-8/16 zero-gradient rows (flag and zero map
+compared). The selection (the same prediction rows) is asserted exactly. EigenCAM: grad-cam's ``EigenCAM`` class on the
 package model with grad-cam's ``get_2d_projection`` patched to our deterministic sign rule (the SVD sign is
 arbitrary; see ``parity_tests/test_cam_parity.py``), compared with ``postprocess="gradcam"``.
 """
