@@ -11,8 +11,8 @@ is 3e-6 .. 1e-5 away from its float64 run. So float32 results (ours and the pack
 with the package run in float64, and the 1e-5 bound is asserted there. With an attention block (CBAM's
 sigmoid gates) the decoded output is worse conditioned still (float32 torch 1.3e-5 .. 3e-5 from float64,
 measured): there the outputs are checked in float64 on *both* sides (JAX x64) at 1e-10, which shows that
-the port computes the same function, not merely a close one, plus float32 raw logits for SE (see the
-test's docstring for the open CBAM float32 finding).
+the port computes the same function, not merely a close one, plus float32 raw logits against float64
+(1e-5 for SE; for CBAM an absolute ceiling, explained in that test's docstring).
 """
 
 from __future__ import annotations
@@ -165,10 +165,15 @@ ATTN_CASES = [("cbam", ("c3", "sppf")), ("cbam_official", "sppf"), ("se", "c3")]
 def test_flax_attention_variant_equals_torch_ref(attn, positions):
     """Float64 on both sides: decoded predictions and eval-mode raw logits agree to 1e-10 (measured 3e-14).
 
-    Float32 (eval-mode raw logits vs the float64 run, <= 1e-5) is asserted for SE. With CBAM it is an open
-    finding, not asserted: our float32 logits are 6e-5 from float64 where torch_ref's float32 is 1.1e-5
-    (cbam at c3+sppf, seed 5; each CBAM roughly doubles the incoming float32 error on our side, x1.2 on
-    torch's, while one CBAM block alone on the same input is 3e-7 on both sides and float64 agrees to 3e-14).
+    Float32 (eval-mode raw logits vs the float64 run): SE at <= 1e-5. CBAM amplifies float32 rounding by its
+    own math, in torch as in Flax: fed the float32 input error of the layer before, each CBAM's gates spread a
+    spatially smooth error over the whole map (measured gains per block x1.3-x2.4 on both sides, against
+    x1.07-x1.3 for white noise of the same size; one block fed an exact input is 1.3e-7..3.2e-7 off on both
+    sides). So the network-level float32 error is a draw from a wide spread: over 10 inputs nudged by ~1 ulp,
+    torch float32 was 1.4e-5..5.2e-5 from float64 and Flax 1.3e-5..6.8e-5 (ratio per draw 0.34..3.18, medians
+    2.4-2.9e-5 vs 3.3-3.8e-5; the ~1.3x is XLA:CPU's convolution rounding, 1.4-1.75x torch's per conv, the
+    same in plain YOLOv5). A ratio to torch's draw cannot hold on every CPU, so CBAM's float32 check is the
+    absolute ceiling 1.5e-4 (about 2x the worst draw); exactness is the float64 check.
     """
     tm = _torch_ref_with_attn(attn, positions, seed=5)
     t64 = copy.deepcopy(tm).double()
@@ -178,12 +183,12 @@ def test_flax_attention_variant_equals_torch_ref(attn, positions):
         dec64 = t64(x.double())
         t64.model[-1].training = True  # raw maps, BatchNorm still on running statistics
         raw64 = t64(x.double())
-    if attn == "se":
-        model = from_yolov5("yolov5n", sd, attn=attn, attn_positions=positions)
-        assert model.attn_layers == tm.attn_layers
-        model.model[24].deterministic = False
-        for level, (o, r) in enumerate(zip(_forward(model, x), raw64)):
-            assert_close(o, r, 1e-5, f"{attn}@{positions} float32 eval-mode raw logits P{level + 3} vs float64")
+    model = from_yolov5("yolov5n", sd, attn=attn, attn_positions=positions)
+    assert model.attn_layers == tm.attn_layers
+    model.model[24].deterministic = False
+    tol32 = 1e-5 if attn == "se" else 1.5e-4
+    for level, (o, r) in enumerate(zip(_forward(model, x), raw64)):
+        assert_close(o, r, tol32, f"{attn}@{positions} float32 eval-mode raw logits P{level + 3} vs float64")
     with jax.enable_x64(True):
         m64 = from_yolov5("yolov5n", sd, attn=attn, attn_positions=positions)
         assert m64.attn_layers == tm.attn_layers
