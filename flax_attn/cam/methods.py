@@ -105,6 +105,22 @@ def _spatial_axes(a: jax.Array) -> tuple[int, ...]:
     return tuple(range(a.ndim - 1))
 
 
+def _grads(c: CamInputs) -> jax.Array:
+    # the engine computes gradients for every method with ``uses_gradients`` (the only ones that read them)
+    assert c.grads is not None, "CamInputs.grads is None: the method must have uses_gradients=True"
+    return c.grads
+
+
+def _hvp(c: CamInputs) -> jax.Array:
+    assert c.hvp is not None, "CamInputs.hvp is None: the method must have needs_hvp=True"
+    return c.hvp
+
+
+def _key(c: CamInputs) -> jax.Array:
+    assert c.key is not None, "CamInputs.key is None: the method must have needs_key=True"
+    return c.key
+
+
 def _weighted(weighted: jax.Array, eigen_smooth: bool) -> jax.Array:
     return first_component_projection(weighted) if eigen_smooth else jnp.sum(weighted, axis=-1)
 
@@ -119,11 +135,12 @@ def channel_weights_method(name: str, weights: Callable[[CamInputs], jax.Array],
 
 
 def _gradcam_w(c: CamInputs) -> jax.Array:
-    return jnp.mean(c.grads, axis=_spatial_axes(c.grads))
+    g = _grads(c)
+    return jnp.mean(g, axis=_spatial_axes(g))
 
 
 def _gradcampp_w(c: CamInputs) -> jax.Array:
-    g, a = c.grads, c.acts
+    g, a = _grads(c), c.acts
     ax = _spatial_axes(a)
     g2 = g**2
     g3 = g2 * g
@@ -136,15 +153,16 @@ def _gradcampp_w(c: CamInputs) -> jax.Array:
 def _xgradcam_w(c: CamInputs) -> jax.Array:
     ax = _spatial_axes(c.acts)
     sum_a = jnp.sum(c.acts, axis=ax, keepdims=True)
-    return jnp.sum(c.grads * c.acts / (sum_a + 1e-7), axis=ax)
+    return jnp.sum(_grads(c) * c.acts / (sum_a + 1e-7), axis=ax)
 
 
 def _shapley_w(c: CamInputs) -> jax.Array:
-    return jnp.mean(c.grads - 0.5 * c.hvp, axis=_spatial_axes(c.grads))
+    g = _grads(c)
+    return jnp.mean(g - 0.5 * _hvp(c), axis=_spatial_axes(g))
 
 
 def _random_w(c: CamInputs) -> jax.Array:
-    return jax.random.uniform(c.key, (c.acts.shape[-1],), c.acts.dtype, minval=-1.0, maxval=1.0)
+    return jax.random.uniform(_key(c), (c.acts.shape[-1],), c.acts.dtype, minval=-1.0, maxval=1.0)
 
 
 GRADCAM = register_method(channel_weights_method("gradcam", _gradcam_w))
@@ -152,15 +170,15 @@ GRADCAMPP = register_method(channel_weights_method("gradcam++", _gradcampp_w))
 XGRADCAM = register_method(channel_weights_method("xgradcam", _xgradcam_w))
 SHAPLEYCAM = register_method(channel_weights_method("shapleycam", _shapley_w, needs_hvp=True))
 RANDOMCAM = register_method(channel_weights_method("randomcam", _random_w, uses_gradients=False, needs_key=True))
-HIRESCAM = register_method(CamMethod("hirescam", lambda c: _weighted(c.grads * c.acts, c.eigen_smooth)))
+HIRESCAM = register_method(CamMethod("hirescam", lambda c: _weighted(_grads(c) * c.acts, c.eigen_smooth)))
 GRADCAM_ELEMENTWISE = register_method(
-    CamMethod("gradcamelementwise", lambda c: _weighted(jnp.maximum(c.grads * c.acts, 0), c.eigen_smooth))
+    CamMethod("gradcamelementwise", lambda c: _weighted(jnp.maximum(_grads(c) * c.acts, 0), c.eigen_smooth))
 )
-LAYERCAM = register_method(CamMethod("layercam", lambda c: _weighted(jnp.maximum(c.grads, 0) * c.acts, c.eigen_smooth)))
+LAYERCAM = register_method(CamMethod("layercam", lambda c: _weighted(jnp.maximum(_grads(c), 0) * c.acts, c.eigen_smooth)))
 EIGENCAM = register_method(
     CamMethod("eigencam", lambda c: first_component_projection(c.acts), uses_gradients=False)
 )
-EIGENGRADCAM = register_method(CamMethod("eigengradcam", lambda c: first_component_projection(c.grads * c.acts)))
+EIGENGRADCAM = register_method(CamMethod("eigengradcam", lambda c: first_component_projection(_grads(c) * c.acts)))
 
 
 def finer_default_targets(output: jax.Array, *, alpha: float = 1.0,

@@ -27,7 +27,7 @@ import dataclasses
 import functools
 import types
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import numpy as np
@@ -204,12 +204,13 @@ def nnx_module_paths(model: nnx.Module) -> list[str]:
     for path, _ in nnx.iter_modules(model):
         if not path:
             continue
-        parts, obj = [], model
+        parts: list[str] = []
+        obj: Any = model
         for p in path:
             if isinstance(obj, nnx.Sequential) and p == "layers":
                 obj = obj.layers
                 continue
-            obj = obj[p] if isinstance(p, int) else getattr(obj, p)
+            obj = obj[p] if isinstance(p, int) else getattr(obj, cast(str, p))  # nnx path parts: int or str
             parts.append(str(p))
         if parts:  # a Sequential's own ``layers`` list is not a path
             out.append(".".join(parts))
@@ -218,7 +219,8 @@ def nnx_module_paths(model: nnx.Module) -> list[str]:
 
 def _resolve(model: Any, path: str) -> tuple[Any, Any, Any]:
     """Returns (parent container, key, object) for a dotted path; raises listing the available paths."""
-    obj, parent, key = model, None, None
+    obj, parent = model, None
+    key: str | int | None = None
     for part in path.split("."):
         nxt = None
         if part and not part.lstrip("-").isdigit() and hasattr(obj, part) and not part.startswith("_"):
@@ -348,7 +350,7 @@ class _NNXSplitTap(NNXTap):
     def __init__(self, static: _NNXStatic, state):
         self.static, self.state = static, state
         self.layers, self.call, self.eval_mode = static.layers, static.call, static.eval_mode
-        self.model = None
+        self.model = None  # type: ignore[assignment]  # rebuilt inside jit from (graphdef, state): no model
 
     def run(self, x, probes=None):
         return self._run(self.static.graphdef, self.state, x, probes)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, TypeVar, dataclass_transform
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +57,8 @@ class Target:
     _event_ndim: ClassVar[dict[str, int]] = {}
     _primary: ClassVar[str] = ""
     scalar: ClassVar[bool] = True
+    # declared, never set here: every concrete target is a dataclass (``_pytree_target``)
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
 
     def __call__(self, output: jax.Array) -> jax.Array:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -133,7 +135,11 @@ def _check_classes(name: str, field: str, value: Any, num_classes: int) -> None:
         )
 
 
-def _pytree_target(cls):
+_TargetT = TypeVar("_TargetT", bound=Target)
+
+
+@dataclass_transform(frozen_default=True)
+def _pytree_target(cls: type[_TargetT]) -> type[_TargetT]:
     cls = dataclasses.dataclass(frozen=True)(cls)
     data = [f for f in cls._event_ndim]
     meta = [f.name for f in dataclasses.fields(cls) if f.name not in data]

@@ -56,7 +56,7 @@ def _kinds(problems: list[str]) -> str:
     return ": " + ", ".join(f"{v} {k}" for k, v in counts.items())
 
 
-def _rebuild_conversion_error(problems: list[str], header: str, hints: list[str] = ()) -> ConversionError:
+def _rebuild_conversion_error(problems: list[str], header: str, hints: Iterable[str] = ()) -> ConversionError:
     return ConversionError(problems, header=header, hints=hints)
 
 

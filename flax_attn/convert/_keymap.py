@@ -89,6 +89,10 @@ class KeyMap:
     nested: Mapping[str, KeyMap | str] = field(default_factory=dict)
     conv1x1_dims: int = 2
     name: str | None = None
+    # derived from the fields above in __post_init__ (lookup tables, not part of the map's identity)
+    _renames: tuple[tuple[Path, Path], ...] = field(init=False, repr=False, compare=False)
+    _nested: tuple[tuple[Path, KeyMap | str], ...] = field(init=False, repr=False, compare=False)
+    _conv1x1: frozenset[Path] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.renames, Mapping):

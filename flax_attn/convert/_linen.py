@@ -4,7 +4,7 @@ re-packaging of an NNX block's variables for its Linen twin (and back)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +14,9 @@ from flax import nnx
 from flax_attn.convert._arrays import numpy_to_tensor
 from flax_attn.convert._keymap import KeyMapLike, resolve_key_map
 from flax_attn.convert._rules import Slot, export_arrays, import_arrays, make_slot
+
+if TYPE_CHECKING:
+    from flax.core import FrozenDict
 
 COLLECTIONS = ("params", "batch_stats")
 
@@ -72,7 +75,7 @@ def torch_to_linen(
     strict: bool = True,
     cast: bool = False,
     strip_prefix: str | None = None,
-) -> dict:
+) -> dict | FrozenDict:
     """A PyTorch ``state_dict`` as Linen variables shaped like the template ``variables``.
 
     ``variables`` (e.g. from ``module.init``) gives the tree, shapes and dtypes; its ``params`` and

@@ -44,8 +44,8 @@ def _walk(module: nnx.Module, key_map: KeyMapLike):
             out.append(str(comp))
         return tuple(out)
 
-    presets = {normalize(p): m.preset for p, m in modules.items()
-               if p and isinstance(getattr(m, "preset", None), str)}
+    presets = {normalize(p): preset for p, m in modules.items()
+               if p and isinstance(preset := getattr(m, "preset", None), str)}
     return km.add_auto_nested(presets), modules, variables, normalize
 
 

@@ -72,7 +72,8 @@ def torchvision_key_map(model: nnx.Module) -> KeyMap:
     if isinstance(model, ResNet):
         for s in range(1, 5):
             for i, block in enumerate(getattr(model, f"layer{s}")):
-                torch_name = RESNET_ATTN_TORCH_NAMES.get(getattr(block.attn, "preset", None))
+                preset = getattr(block.attn, "preset", None)
+                torch_name = RESNET_ATTN_TORCH_NAMES.get(preset) if isinstance(preset, str) else None
                 if block.attn is not None and torch_name is not None:
                     renames[f"layer{s}.{i}.attn"] = f"layer{s}.{i}.{torch_name}"
     return KeyMap(renames, name="torchvision")
@@ -146,6 +147,7 @@ def from_torchvision(
         raise TypeError(f"name must be a model name or an nnx.Module, got {type(name).__name__}")
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping of tensors (model.state_dict()), got {type(state_dict).__name__}")
+    sizes: Mapping[str, Any]
     if strip_prefix is not None:  # the checkpoint's own names decide num_classes / in_chans / width below
         p = strip_prefix if isinstance(strip_prefix, str) and strip_prefix.endswith(".") else f"{strip_prefix}."
         sizes = {k.removeprefix(p) if isinstance(k, str) else k: v for k, v in state_dict.items()}
@@ -268,8 +270,8 @@ def _model_signature(name: str, family: str) -> tuple | None:
     if family == "regnet":
         from flax_attn.models.regnet import REGNET_CONFIGS, regnet_block_params
 
-        cfg = REGNET_CONFIGS.get(name)
-        return None if cfg is None else tuple(p[2] for p in regnet_block_params(cfg))
+        regnet_cfg = REGNET_CONFIGS.get(name)
+        return None if regnet_cfg is None else tuple(p[2] for p in regnet_block_params(regnet_cfg))
     return None
 
 

@@ -30,8 +30,8 @@ AttnFactory = Callable[..., nnx.Module]
 #: ``factory(channels, *, rngs, **kwargs) -> nnx.Module``, or ``None`` (no block)
 AttnSpec = str | BlockSpec | AttnFactory | None
 
-#: the NNX block class of each spec type
-BLOCK_OF_SPEC: dict[type, type[nnx.Module]] = {
+#: the NNX block class of each spec type (called as ``block(channels, spec, *, dtype, param_dtype, rngs)``)
+BLOCK_OF_SPEC: dict[type, Callable[..., nnx.Module]] = {
     SESpec: SqueezeExcite, ChannelSpec: ChannelAttention, SpatialSpec: SpatialAttention, CBAMSpec: CBAM,
 }
 
@@ -183,7 +183,7 @@ def create_attn(name: str | BlockSpec | AttnFactory, channels: int, *, rngs: nnx
     """
     if isinstance(name, _SPEC_TYPES):
         return block_of(name, BLOCK_OF_SPEC)(channels, name, rngs=rngs, **kwargs)
-    return get_attn(name)(channels, rngs=rngs, **kwargs)  # type: ignore[arg-type]
+    return get_attn(name)(channels, rngs=rngs, **kwargs)
 
 
 def register_attn(name: str, factory: AttnFactory | BlockSpec, *, overwrite: bool = False) -> None:

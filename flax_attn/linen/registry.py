@@ -9,7 +9,7 @@ block it returns.)
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeGuard
 
 from flax import linen as nn
 from flax import nnx
@@ -17,12 +17,13 @@ from flax import nnx
 from flax_attn import layers as L
 from flax_attn.layers.registry import AttnFactory, Preset, block_of, get_attn
 from flax_attn.layers.specs import BlockSpec, CBAMSpec, ChannelSpec, SESpec, SpatialSpec
+from flax_attn.linen._twin import SpecModule
 from flax_attn.linen.cbam import CBAM
 from flax_attn.linen.channel_attn import ChannelAttention, SqueezeExcite
 from flax_attn.linen.spatial_attn import SpatialAttention
 
 #: the Linen twin of each spec type
-TWIN_OF_SPEC: dict[type, type[nn.Module]] = {
+TWIN_OF_SPEC: dict[type, type[SpecModule]] = {
     SESpec: SqueezeExcite, ChannelSpec: ChannelAttention, SpatialSpec: SpatialAttention, CBAMSpec: CBAM,
 }
 _NNX_BLOCKS = (L.ChannelAttention, L.SpatialAttention, L.CBAM)
@@ -30,11 +31,20 @@ _SPECS = (ChannelSpec, SpatialSpec, CBAMSpec)
 _MODULE_KWARGS = ("name", "parent", "dtype", "param_dtype", "use_running_average")
 
 
+def _is_block_class(entry: object) -> TypeGuard[type[L.ChannelAttention | L.SpatialAttention | L.CBAM]]:
+    return isinstance(entry, type) and issubclass(entry, _NNX_BLOCKS)
+
+
 def _module_kwargs(module: nnx.Module) -> dict[str, Any]:
     """dtype, param_dtype and mode of an NNX block, read from its layers (its options live in the spec)."""
     channel = module.channel if isinstance(module, L.CBAM) else module
     spatial = module.spatial if isinstance(module, L.CBAM) else module
-    layer = channel.fc1 if isinstance(channel, L.ChannelAttention) else spatial.conv
+    layer: nnx.Linear | nnx.Conv
+    if isinstance(channel, L.ChannelAttention):
+        layer = channel.fc1
+    else:  # module is a SpatialAttention (from_nnx has checked the block types)
+        assert isinstance(spatial, L.SpatialAttention)
+        layer = spatial.conv
     out: dict[str, Any] = dict(dtype=layer.dtype, param_dtype=layer.param_dtype)
     if not isinstance(module, L.ChannelAttention):
         bn = getattr(spatial, "bn", None)
@@ -81,7 +91,7 @@ def create_attn(name: str | BlockSpec | AttnFactory, channels: int, /, **kwargs:
         spec = entry.replace(**kwargs)
     elif isinstance(entry, Preset):
         spec = entry.spec_for(channels, **kwargs)
-    elif isinstance(entry, type) and issubclass(entry, _NNX_BLOCKS):
+    elif _is_block_class(entry):
         spec = entry.Spec.from_options(**kwargs)
     else:  # a user factory: build its block abstractly to read its spec
         return from_nnx(nnx.eval_shape(lambda: entry(channels, rngs=nnx.Rngs(0), **kwargs))).clone(**module_kwargs)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, overload
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +19,8 @@ from flax import nnx
 from flax_attn.layers import create_attn
 from flax_attn.layers._functional import Dtype, resolve_activation
 from flax_attn.layers.norm import BatchNorm
-from flax_attn.layers.registry import AttnSpec
-from flax_attn.layers.specs import CBAMSpec, ChannelSpec, SpatialSpec
+from flax_attn.layers.registry import AttnFactory, AttnSpec
+from flax_attn.layers.specs import BlockSpec, CBAMSpec, ChannelSpec, SpatialSpec
 
 __all__ = ["AttnSpec", "Dtype"]  # re-exported: the one attention-argument type and dtype alias of the models
 
@@ -304,6 +304,15 @@ def conv_norm_act(
     return Sequential(layers)
 
 
+@overload
+def make_attn(attn: None, channels: int, *, dtype: Dtype | None, param_dtype: Dtype, rngs: nnx.Rngs,
+              **kwargs: Any) -> None: ...
+@overload
+def make_attn(attn: str | BlockSpec | AttnFactory, channels: int, *, dtype: Dtype | None, param_dtype: Dtype,
+              rngs: nnx.Rngs, **kwargs: Any) -> nnx.Module: ...
+@overload
+def make_attn(attn: AttnSpec, channels: int, *, dtype: Dtype | None, param_dtype: Dtype, rngs: nnx.Rngs,
+              **kwargs: Any) -> nnx.Module | None: ...
 def make_attn(attn: AttnSpec, channels: int, *, dtype: Dtype | None, param_dtype: Dtype, rngs: nnx.Rngs,
               **kwargs: Any) -> nnx.Module | None:
     """Builds the attention block of a backbone slot: ``None`` -> no block, a registered name or a block

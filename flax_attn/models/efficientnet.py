@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -92,7 +93,7 @@ class MBConv(nnx.Module):
         layers.append(conv_norm_act(expanded, expanded, cnf.kernel, stride=cnf.stride, groups=expanded,
                                     act="silu", **kw))
         if attn is not None:
-            extra = {"squeeze_from": cnf.input_channels} if attn == "se_efficientnet" else {}
+            extra: dict[str, Any] = {"squeeze_from": cnf.input_channels} if attn == "se_efficientnet" else {}
             layers.append(make_attn(attn, expanded, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **extra))
         layers.append(conv_norm_act(expanded, cnf.out_channels, 1, act=None, **kw))
         self.block = Sequential(layers)
@@ -149,7 +150,7 @@ class EfficientNet(nnx.Module):
             config = EFFICIENTNET_CONFIGS[arch]
         dropout = config.dropout if dropout is None else dropout
         stages = config.stages()
-        bn = dict(bn_eps=config.bn_eps, bn_momentum=config.bn_momentum)
+        bn: dict[str, Any] = dict(bn_eps=config.bn_eps, bn_momentum=config.bn_momentum)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.num_classes = num_classes
         self.in_chans = in_chans

@@ -10,7 +10,7 @@ torch momentum 0.01 (Flax 0.99).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -153,7 +153,7 @@ class MobileNetV3(nnx.Module):
             arch, reduced_tail=reduced_tail, dilated=dilated)
         rows = [r.scaled(width_mult) for r in rows]
         last_channel = make_divisible(last_channel * width_mult, 8)
-        bn = dict(bn_momentum=0.99, bn_eps=1e-3)
+        bn: dict[str, Any] = dict(bn_momentum=0.99, bn_eps=1e-3)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.num_classes = num_classes
         self.in_chans = in_chans

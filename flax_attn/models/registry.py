@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 from flax import nnx
 
@@ -18,7 +18,7 @@ from flax_attn.models.yolo import YOLOV5_CONFIGS, YOLOv5
 
 ModelFactory = Callable[..., nnx.Module]
 
-RESNET_DEPTHS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
+RESNET_DEPTHS: dict[int, tuple[Literal["basic", "bottleneck"], tuple[int, int, int, int]]] = {
     18: ("basic", (2, 2, 2, 2)),
     34: ("basic", (3, 4, 6, 3)),
     50: ("bottleneck", (3, 4, 6, 3)),

@@ -102,7 +102,7 @@ class BottleneckTransform(NamedSequential):
             ("b", conv_norm_act(w_b, w_b, 3, stride=stride, groups=g, **kw)),
         ]
         if se_ratio and attn is not None:
-            extra = {"hidden_channels": int(round(se_ratio * width_in))} if attn == "se_torchvision" else {}
+            extra: dict[str, Any] = {"hidden_channels": int(round(se_ratio * width_in))} if attn == "se_torchvision" else {}
             items.append(("se", make_attn(attn, w_b, **kw, **extra)))
         items.append(("c", conv_norm_act(w_b, width_out, 1, act=None, **kw)))
         super().__init__(items)

@@ -10,7 +10,7 @@ after ``bn3``), where both papers place it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -112,7 +112,17 @@ class Bottleneck(nnx.Module):
         return jax.nn.relu(out + identity)
 
 
-BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+class BlockClass(Protocol):
+    """A residual block class (``BasicBlock``, ``Bottleneck`` or a user one): ``expansion`` (output channels
+    per ``planes``) and ``block(inplanes, planes, *, stride, downsample, groups, base_width, attn,
+    attn_kwargs, dtype, param_dtype, rngs)``."""
+
+    expansion: int
+
+    def __call__(self, *args: Any, **kwargs: Any) -> nnx.Module: ...
+
+
+BLOCKS: dict[str, BlockClass] = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 
 class ResNet(nnx.Module):
@@ -152,7 +162,7 @@ class ResNet(nnx.Module):
 
     def __init__(
         self,
-        block: Literal["basic", "bottleneck"] | type = "basic",
+        block: Literal["basic", "bottleneck"] | BlockClass = "basic",
         layers: Sequence[int] = (2, 2, 2, 2),
         *,
         num_classes: int = 1000,
@@ -185,7 +195,7 @@ class ResNet(nnx.Module):
         self.stem_type = stem
         if stem == "torchvision":
             self.conv1 = conv2d(in_chans, width, 7, stride=2, padding=3, **kw)
-            self.maxpool = MaxPool2d(3, 2, 1)
+            self.maxpool: MaxPool2d | None = MaxPool2d(3, 2, 1)
         else:
             self.conv1 = conv2d(in_chans, width, 3, stride=1, padding=1, **kw)
             self.maxpool = None

@@ -384,6 +384,7 @@ class YOLOv5(nnx.Module):
         saved: dict[int, jax.Array] = {}
         for i in range(len(self.model)):
             f = self.FROM[i]
+            inp: jax.Array | list[jax.Array]
             if isinstance(f, tuple):
                 inp = [x if j == -1 else saved[j] for j in f]
             else:

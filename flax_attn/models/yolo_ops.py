@@ -118,10 +118,10 @@ def letterbox_params(shape: tuple[int, int], new_shape: int | tuple[int, int] = 
         dw, dh = 0, 0
         unpad_w, unpad_h = nw, nh
         ratio = (nw / w0, nh / h0)
-    dw, dh = dw / 2, dh / 2
-    top, bottom = int(round(dh - 0.1)), int(round(dh + 0.1))
-    left, right = int(round(dw - 0.1)), int(round(dw + 0.1))
-    return LetterboxParams((unpad_h, unpad_w), top, bottom, left, right, ratio, (dw, dh))
+    half_w, half_h = dw / 2, dh / 2
+    top, bottom = int(round(half_h - 0.1)), int(round(half_h + 0.1))
+    left, right = int(round(half_w - 0.1)), int(round(half_w + 0.1))
+    return LetterboxParams((unpad_h, unpad_w), top, bottom, left, right, ratio, (half_w, half_h))
 
 
 def _resize_linear(img: jax.Array, out_h: int, out_w: int) -> jax.Array:
@@ -336,9 +336,9 @@ def non_max_suppression(prediction: jax.Array, conf_thres: float = 0.25, iou_thr
     r = nms(boxes, score, None if agnostic else j, iou_threshold=iou_thres, max_detections=max_det,
             max_candidates=max_nms)
     take = lambda a: jnp.take_along_axis(a, r.indices, axis=1)  # noqa: E731
-    v = r.valid
-    out_boxes = jnp.where(v[..., None], jnp.take_along_axis(boxes, r.indices[..., None], axis=1), 0)
-    return Detections(out_boxes, jnp.where(v, take(conf), 0), jnp.where(v, take(j), 0), v, r.indices)
+    valid = r.valid
+    out_boxes = jnp.where(valid[..., None], jnp.take_along_axis(boxes, r.indices[..., None], axis=1), 0)
+    return Detections(out_boxes, jnp.where(valid, take(conf), 0), jnp.where(valid, take(j), 0), valid, r.indices)
 
 
 __all__ = [
