@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+from typing import Any
 
 from train.config import Config, add_config_arguments, config_from_args
 
@@ -25,7 +26,7 @@ def _maybe_initialize_distributed(force: bool) -> None:
         return
     import jax
 
-    kw = {}
+    kw: dict[str, Any] = {}
     if os.environ.get("JAX_NUM_PROCESSES"):
         kw["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
     if os.environ.get("JAX_PROCESS_ID"):
@@ -41,7 +42,7 @@ class _StderrHandler(logging.StreamHandler):
     """A stream handler on whatever ``sys.stderr`` is at the time of each record."""
 
     @property
-    def stream(self):  # type: ignore[override]
+    def stream(self):
         return sys.stderr
 
     @stream.setter
@@ -66,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
-    parser.subparsers = {}
+    subparsers: dict[str, argparse.ArgumentParser] = {}
+    parser.subparsers = subparsers  # type: ignore[attr-defined]  # ad-hoc attribute, read back by main()
     main = sub.add_parser("main", help="the main job (default): baseline vs SE vs CBAM, one table",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     main.add_argument("--workdir", default="runs/main", help="output folder (one sub-folder per model)")
@@ -74,13 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     main.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() (auto-detect)")
     main.add_argument("--strict_checkpoints", action="store_true", help=STRICT_HELP)
     add_config_arguments(main, MAIN_JOB_CONFIG)
-    parser.subparsers["main"] = main
+    subparsers["main"] = main
     run = sub.add_parser("run", help="one training run", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     run.add_argument("--workdir", required=True, help="output folder; an existing run there is resumed")
     run.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() (auto-detect)")
     run.add_argument("--strict_checkpoints", action="store_true", help=STRICT_HELP)
     add_config_arguments(run, Config())
-    parser.subparsers["run"] = run
+    subparsers["run"] = run
     return parser
 
 
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["main", *argv]
     args = parser.parse_args(argv)
-    parser = parser.subparsers[args.command]
+    parser = parser.subparsers[args.command]  # type: ignore[attr-defined]  # set by build_parser()
     try:
         config = config_from_args(args)
     except (ValueError, TypeError) as e:

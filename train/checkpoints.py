@@ -176,7 +176,7 @@ def restore_newest_good(root: str, restore: Callable[[int], Any], *, fallback: b
 def move_aside(workdir: str, root: str, steps: list[int]) -> list[str]:
     """Moves the step folders ``steps`` from ``root`` to ``workdir/corrupt_checkpoints/`` (kept for inspection,
     out of orbax's way so that the resumed run can write those steps again). Returns the new paths."""
-    out = []
+    out: list[str] = []
     if not steps:
         return out
     if jax.process_index() == 0:

@@ -72,7 +72,7 @@ def _resize(img: np.ndarray, size: int) -> np.ndarray:
 
     if img.shape == (size, size):
         return img.astype(np.float32)
-    out = np.asarray(Image.fromarray(img.astype(np.float32), mode="F").resize((size, size), Image.BILINEAR))
+    out = np.asarray(Image.fromarray(img.astype(np.float32), mode="F").resize((size, size), Image.Resampling.BILINEAR))
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
@@ -205,12 +205,12 @@ def _decode(im, mode: str, size: int) -> np.ndarray:
         arr = np.asarray(im, dtype=np.float32)
         if arr.min() < 0 or arr.max() > 65535:
             raise ValueError(f"{im.mode} image with values outside the 16-bit range [0, 65535]")
-        grey = np.asarray(Image.fromarray(arr / 65535.0, mode="F").resize((size, size), Image.BILINEAR))
+        grey = np.asarray(Image.fromarray(arr / 65535.0, mode="F").resize((size, size), Image.Resampling.BILINEAR))
         grey = np.clip(grey, 0.0, 1.0)[..., None]
         return grey if mode == "L" else np.repeat(grey, 3, axis=-1)
     if im.mode == "F":
         raise ValueError("floating-point images are not supported (no known bit depth): save them as 8 or 16 bit")
-    arr = np.asarray(im.convert(mode).resize((size, size), Image.BILINEAR), np.float32) / 255.0
+    arr = np.asarray(im.convert(mode).resize((size, size), Image.Resampling.BILINEAR), np.float32) / 255.0
     return arr if arr.ndim == 3 else arr[..., None]
 
 

@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -68,6 +68,9 @@ class TrainState:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainState:
         return cls(step=d["step"], params=d["params"], model_state=d["model_state"], opt_state=d["opt_state"])
+
+    if TYPE_CHECKING:  # added by flax.struct.dataclass (dataclasses.replace)
+        def replace(self, **updates: Any) -> TrainState: ...
 
 
 class Meter:
@@ -204,7 +207,9 @@ class Functions:
                            rngs=nnx.Rngs(self.config.seed))
 
     def _init(self) -> TrainState:
-        _, params, model_state = nnx.split(self._new_model(), nnx.Param, ...)
+        # two filters: exactly two states (flax types the tail as a variadic tuple)
+        _, params, model_state = cast("tuple[nnx.GraphDef, nnx.State, nnx.State]",
+                                      nnx.split(self._new_model(), nnx.Param, ...))
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
                           opt_state=self.tx.init(params))
 
@@ -500,9 +505,12 @@ def train_and_evaluate(config: Config, workdir: str, *, strict_checkpoints: bool
     state = fns.init()
     mngr = checkpoint_manager(workdir, config.keep_checkpoints) if os.path.isdir(ckpt_root) else None
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state.as_dict())
-    restored, restored_step, bad = ckpt.restore_newest_good(
-        ckpt_root, lambda s: TrainState.from_dict(mngr.restore(s, args=ocp.args.StandardRestore(abstract))),
-        fallback=not strict_checkpoints)
+
+    def restore(s: int) -> TrainState:
+        assert mngr is not None  # only called for a checkpoint found under ckpt_root, which then exists
+        return TrainState.from_dict(mngr.restore(s, args=ocp.args.StandardRestore(abstract)))
+
+    restored, restored_step, bad = ckpt.restore_newest_good(ckpt_root, restore, fallback=not strict_checkpoints)
     if restored is not None:
         state = restored
     start = int(jax.device_get(state.step))
@@ -588,6 +596,7 @@ def train_and_evaluate(config: Config, workdir: str, *, strict_checkpoints: bool
     if num_true or num_pred:
         cams = compute_cams(fns, state, val_ds, config.batch_size, num_true=num_true, num_pred=num_pred)
         if num_true:
+            assert val_ds.boxes is not None  # num_true > 0 only with boxes
             summary.update(localisation_scores(cams["cam_true"], val_ds.boxes))
         if num_pred and jax.process_index() == 0:
             k = num_pred
