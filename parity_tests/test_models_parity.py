@@ -462,7 +462,8 @@ HUGE = ("resnet101", "resnet152", "resnext101_32x8d", "wide_resnet101_2", "effic
 
 @pytest.mark.slow
 def test_param_counts_all_registered():
-    names = [n for n in list_models() if not n.endswith(HUGE)]
+    # YOLOv5 has no torchvision twin: its counts are checked against the package in test_yolo_parity.py
+    names = [n for n in list_models() if not n.endswith(HUGE) and not n.startswith("yolov5")]
     assert len(names) >= 30
     for name in names:
         assert _flax_count(name) == _torch_count(name), name

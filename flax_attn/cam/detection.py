@@ -434,7 +434,7 @@ class _StaticTap:
     def __init__(self, tap: Tap, static: Any):
         self.tap_type, self.static = type(tap), static
         # the library's taps rebuild from (static, dynamic) alone: keep no reference to the model in jit's cache
-        self._rebuild = (functools.partial(type(tap).rebuild, None)
+        self._rebuild = (functools.partial(type(tap).rebuild, None)  # type: ignore[arg-type]  # reads no self
                          if type(tap) in (NNXTap, LinenTap, FunctionTap) else tap.rebuild)
         self._hash = hash((self.tap_type, static))
 

@@ -262,12 +262,11 @@ def global_pool(x: Array, kind: str, scale: Array | None = None) -> Array:
     the reduction. Same value as ``global_pool(x * scale, kind)`` up to float rounding.
     """
     axes = spatial_axes(x)
-    if scale is not None:
-        if kind == "avg":
-            n = math.prod(x.shape[a] for a in axes)
-            # explicit sizes, not -1: reshape cannot infer a dimension of an empty batch
-            flat = x.reshape(x.shape[0], n, x.shape[-1])
-            return jnp.einsum("npc,np->nc", flat, scale.reshape(x.shape[0], n)) / n
+    if scale is not None and kind == "avg":
+        n = math.prod(x.shape[a] for a in axes)
+        # explicit sizes, not -1: reshape cannot infer a dimension of an empty batch
+        flat = x.reshape(x.shape[0], n, x.shape[-1])
+        return jnp.einsum("npc,np->nc", flat, scale.reshape(x.shape[0], n)) / n
     if kind == "max":
         return _max_reduce(x, axes, scale)
     if scale is not None:
