@@ -200,7 +200,7 @@ def scale_boxes(img1_shape: tuple[int, int], boxes: jax.Array, img0_shape: tuple
     Example:
         >>> lb, ratio, pad = letterbox(jnp.zeros((100, 200, 3), jnp.uint8), 640)
         >>> scale_boxes(lb.shape[:2], jnp.array([[64.0, 32.0, 640.0, 320.0]]), (100, 200), (ratio, pad)).tolist()
-        [[20.0, 0.0, 200.0, 90.0]]
+        [[20.0, 10.0, 200.0, 100.0]]
     """
     boxes = jnp.asarray(boxes)
     if boxes.shape[-1:] != (4,):
