@@ -151,22 +151,24 @@ def _minmax_exact(m: jax.Array) -> tuple[jax.Array, jax.Array]:
     return out, const[..., 0, 0]
 
 
+def _float_arg(value: Any, argname: str, expected: str) -> float:
+    """``float(value)``, or a TypeError naming the argument and what it expects."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{argname}: expected {expected}, got {type(value).__name__}") from None
+
+
 def _check_options(max_detections: Any, ratio: Any, conf_threshold: Any, backward_type: Any,
                    postprocess: Any, nms_iou: Any) -> tuple[int, float, float, Any, float | None]:
     if isinstance(max_detections, bool) or not isinstance(max_detections, (int, np.integer)) or max_detections <= 0:
         raise ValueError(f"max_detections: expected a positive int (the static number K of CAM slots per image), "
                          f"got {max_detections!r}")
-    try:
-        ratio_f = float(ratio)
-    except (TypeError, ValueError):
-        raise TypeError(f"ratio: expected a float in (0, 1], got {type(ratio).__name__}") from None
+    ratio_f = _float_arg(ratio, "ratio", "a float in (0, 1]")
     if not 0.0 < ratio_f <= 1.0:
         raise ValueError(f"ratio: expected a float in (0, 1] (the fraction of predictions the script visits), "
                          f"got {ratio!r}")
-    try:
-        thr = float(conf_threshold)
-    except (TypeError, ValueError):
-        raise TypeError(f"conf_threshold: expected a float, got {type(conf_threshold).__name__}") from None
+    thr = _float_arg(conf_threshold, "conf_threshold", "a float")
     if not math.isfinite(thr):
         raise ValueError(f"conf_threshold: expected a finite float, got {conf_threshold!r}")
     if isinstance(backward_type, str):
@@ -180,10 +182,7 @@ def _check_options(max_detections: Any, ratio: Any, conf_threshold: Any, backwar
         raise ValueError(f"postprocess: expected one of {_POSTPROCESS}, got {postprocess!r}")
     iou = None
     if nms_iou is not None:
-        try:
-            iou = float(nms_iou)
-        except (TypeError, ValueError):
-            raise TypeError(f"nms_iou: expected None or a float in [0, 1], got {type(nms_iou).__name__}") from None
+        iou = _float_arg(nms_iou, "nms_iou", "None or a float in [0, 1]")
         if not 0.0 <= iou <= 1.0:
             raise ValueError(f"nms_iou: expected None (the script's selection, no NMS) or an IoU in [0, 1], "
                              f"got {nms_iou!r}")
