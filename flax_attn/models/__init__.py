@@ -14,6 +14,7 @@ from flax_attn.models.regnet import REGNET_CONFIGS, RegNet, RegNetConfig
 from flax_attn.models.resnet import BasicBlock, Bottleneck, ResNet
 from flax_attn.models.vgg import VGG
 from flax_attn.models.yolo import YOLOV5_ANCHORS, YOLOV5_CONFIGS, YOLOv5, yolov5_num_params
+from flax_attn.models.yolo_loss import YOLOv5LossHyp, yolov5_loss
 from flax_attn.models.yolo_ops import (
     Detections,
     NMSResult,
@@ -48,6 +49,7 @@ __all__ = [
     "Sequential",
     "StochasticDepth",
     "YOLOv5",
+    "YOLOv5LossHyp",
     "box_iou",
     "create_model",
     "letterbox",
@@ -59,5 +61,6 @@ __all__ = [
     "scale_boxes",
     "xywh2xyxy",
     "xyxy2xywh",
+    "yolov5_loss",
     "yolov5_num_params",
 ]
