@@ -19,6 +19,12 @@ part of the network downstream of the taps). No hooks, nothing left behind:
 * :class:`FunctionTap`: a plain pair ``features(x) -> A`` and ``head(A) -> output``.
 
 A target layer must be called exactly once per forward pass; otherwise a ``ValueError`` says so.
+
+``run(x, probes, replace={path: array})`` REPLACES the output of the named target layers by the given arrays
+(the layer itself is not called, nothing is added): the forward pass then only depends on ``x`` through the
+layers that are not upstream of a replaced one, so under ``jax.jit`` the upstream computation is dead code
+that XLA removes (AblationCAM's ablated forward passes run only the network downstream of the tapped layer).
+A replaced layer's recorded activation is the replacement.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from flax import nnx
 __all__ = ["FunctionTap", "LinenTap", "NNXTap", "Tap", "make_tap", "structural_key"]
 
 Probes = Sequence[jax.Array] | None
+Replace = Mapping[str, jax.Array] | None
 
 
 class Tap:
@@ -48,7 +55,10 @@ class Tap:
 
     layers: tuple[str, ...]
 
-    def run(self, x: jax.Array, probes: Probes = None) -> tuple[Any, list[jax.Array]]:  # pragma: no cover
+    def run(self, x: jax.Array, probes: Probes = None, *,
+            replace: Replace = None) -> tuple[Any, list[jax.Array]]:  # pragma: no cover
+        """``(output, [A_1, ..., A_L])``; ``probes[l]`` is added to layer ``l``'s output, ``replace[path]``
+        replaces it (the layer is not run)."""
         raise NotImplementedError
 
     def split(self) -> tuple[Any, Any]:
@@ -170,6 +180,21 @@ def structural_key(obj: Any, _depth: int = 0) -> Any:
     return ("id", _Id(obj))
 
 
+def _check_replace(layers: Sequence[str], replace: Replace) -> Mapping[str, jax.Array]:
+    """``replace`` as a mapping over tapped paths, or a clear error."""
+    if replace is None:
+        return {}
+    if not isinstance(replace, Mapping):
+        raise TypeError(f"replace: expected a mapping {{layer path: array}}, got {type(replace).__name__}")
+    unknown = [k for k in replace if k not in layers]
+    if unknown:
+        raise ValueError(f"replace: {unknown} are not target layers of this tap; target layers: {list(layers)}")
+    for k, v in replace.items():
+        if not hasattr(v, "shape") or not hasattr(v, "dtype"):
+            raise TypeError(f"replace[{k!r}]: expected an array, got {type(v).__name__}")
+    return replace
+
+
 def _add_probe(path: str, y: Any, probe: jax.Array | None, sink: dict[str, jax.Array]) -> jax.Array:
     if not isinstance(y, jax.Array) and not hasattr(y, "shape"):
         raise TypeError(f"target layer {path!r} returned {type(y).__name__}, expected a single array")
@@ -263,13 +288,17 @@ def nnx_path_of(model: nnx.Module, layer: Any, index: int = 0) -> str:
 
 
 class _Probe:
-    """Stand-in for a submodule in the working copy: calls it, adds the probe, records the output."""
+    """Stand-in for a submodule in the working copy: calls it, adds the probe, records the output (or, with a
+    replacement, returns the replacement without calling it)."""
 
-    def __init__(self, inner: Callable, path: str, probe: jax.Array | None, sink: dict[str, jax.Array]):
+    def __init__(self, inner: Callable, path: str, probe: jax.Array | None, sink: dict[str, jax.Array],
+                 replacement: jax.Array | None = None):
         self.inner, self.path, self.probe, self.sink = inner, path, probe, sink
+        self.replacement = replacement
 
     def __call__(self, *args, **kwargs):
-        return _add_probe(self.path, self.inner(*args, **kwargs), self.probe, self.sink)
+        y = self.inner(*args, **kwargs) if self.replacement is None else self.replacement
+        return _add_probe(self.path, y, self.probe, self.sink)
 
 
 class NNXTap(Tap):
@@ -298,18 +327,19 @@ class NNXTap(Tap):
         self.call = call
         self.eval_mode = eval_mode
 
-    def run(self, x, probes=None):
+    def run(self, x, probes=None, *, replace=None):
         graphdef, state = nnx.split(self.model)
-        return self._run(graphdef, state, x, probes)
+        return self._run(graphdef, state, x, probes, replace)
 
-    def _run(self, graphdef, state, x, probes):
+    def _run(self, graphdef, state, x, probes, replace=None):
+        rep = _check_replace(self.layers, replace)
         work = nnx.merge(graphdef, state)
         if self.eval_mode:
             work.eval()
         sink: dict[str, jax.Array] = {}
         for i, p in enumerate(self.layers):
             parent, key, obj = _resolve(work, p)
-            wrapper = _Probe(obj, p, None if probes is None else probes[i], sink)
+            wrapper = _Probe(obj, p, None if probes is None else probes[i], sink, rep.get(p))
             if isinstance(key, int):
                 parent[key] = wrapper
             else:
@@ -352,8 +382,8 @@ class _NNXSplitTap(NNXTap):
         self.layers, self.call, self.eval_mode = static.layers, static.call, static.eval_mode
         self.model = None  # type: ignore[assignment]  # rebuilt inside jit from (graphdef, state): no model
 
-    def run(self, x, probes=None):
-        return self._run(self.static.graphdef, self.state, x, probes)
+    def run(self, x, probes=None, *, replace=None):
+        return self._run(self.static.graphdef, self.state, x, probes, replace)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -392,21 +422,26 @@ class LinenTap(Tap):
         self.apply_kwargs = dict(apply_kwargs or {})
         self.method = method
 
-    def run(self, x, probes=None):
-        return self._run(self.variables, x, probes)
+    def run(self, x, probes=None, *, replace=None):
+        return self._run(self.variables, x, probes, replace)
 
-    def _run(self, variables, x, probes):
+    def _run(self, variables, x, probes, replace=None):
         import flax.linen as nn
 
+        rep = _check_replace(self.layers, None if replace is None else {
+            k.replace(".", "/"): v for k, v in replace.items()} if isinstance(replace, Mapping) else replace)
         sink: dict[str, jax.Array] = {}
         seen: list[str] = []
         index = {p: i for i, p in enumerate(self.layers)}
 
         def interceptor(next_fun, args, kwargs, context):
-            y = next_fun(*args, **kwargs)
             if context.method_name != "__call__" or context.module.scope is None:
-                return y
+                return next_fun(*args, **kwargs)
             path = "/".join(str(s) for s in context.module.scope.path)
+            if path in rep:  # replaced: the submodule is not run
+                seen.append(path)
+                return _add_probe(path, rep[path], None if probes is None else probes[index[path]], sink)
+            y = next_fun(*args, **kwargs)
             if not path:
                 return y
             seen.append(path)
@@ -451,8 +486,8 @@ class _BoundLinen(Tap):
     def __init__(self, tap: LinenTap, variables):
         self.tap, self.variables, self.layers = tap, variables, tap.layers
 
-    def run(self, x, probes=None):
-        return self.tap._run(self.variables, x, probes)
+    def run(self, x, probes=None, *, replace=None):
+        return self.tap._run(self.variables, x, probes, replace)
 
 
 class _KeyedStatic:
@@ -491,9 +526,12 @@ class FunctionTap(Tap):
         self.features, self.head = features, head
         self.layers = (name,)
 
-    def run(self, x, probes=None):
+    def run(self, x, probes=None, *, replace=None):
+        rep = _check_replace(self.layers, replace)
         sink: dict[str, jax.Array] = {}
-        a = _add_probe(self.layers[0], self.features(x), None if probes is None else probes[0], sink)
+        name = self.layers[0]
+        a = rep[name] if name in rep else self.features(x)  # replaced: features are not computed
+        a = _add_probe(name, a, None if probes is None else probes[0], sink)
         return self.head(a), [a]
 
     def split(self):
