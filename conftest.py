@@ -6,6 +6,14 @@ import os
 import random
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# One persistent XLA compilation cache for the session's processes: the two xdist workers build the same
+# module fixtures (models, compiled steps) and the subprocess tests (SIGKILL/resume, multi-device) compile
+# what the parent compiled. Kept under .pytest_cache (never in a clean clone, so CI starts cold); set as
+# environment variables so that subprocesses inherit it. Compilations under 0.5 s are not worth the disk.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(os.path.dirname(os.path.abspath(__file__)), ".pytest_cache", "jax_compilation_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
