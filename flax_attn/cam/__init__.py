@@ -14,6 +14,8 @@ and functional (inside your own ``jax.jit``/``jax.grad``)::
 
 from flax_attn.cam.api import (
     DEFAULT_COMPILE_CACHE_SIZE,
+    FEM,
+    KPCA_CAM,
     BaseCAM,
     CacheInfo,
     EigenCAM,
@@ -45,8 +47,19 @@ from flax_attn.cam.detection import (
     show_detection_cams,
 )
 from flax_attn.cam.engine import AUG_TRANSFORMS, CamResult, check_images, compute_cam, compute_cam_prepared, preflight
+from flax_attn.cam.factorization import DeepFeatureFactorization, DFFResult, NMFResult, dff, nmf, show_factorization_on_image
 from flax_attn.cam.image import jet_colormap, plot_cam_grid, show_cam_on_image
-from flax_attn.cam.methods import CamInputs, CamMethod, finer_cam, get_method, list_methods, register_method
+from flax_attn.cam.methods import (
+    CamInputs,
+    CamMethod,
+    fem,
+    finer_cam,
+    get_method,
+    kernel_pca_projection,
+    kpca_cam,
+    list_methods,
+    register_method,
+)
 from flax_attn.cam.metrics import (
     NEIGHBOR_WEIGHTS,
     CamMultImageConfidenceChange,
@@ -86,6 +99,8 @@ __all__ = [
     "AUG_TRANSFORMS",
     "BACKWARD_TYPES",
     "DEFAULT_COMPILE_CACHE_SIZE",
+    "FEM",
+    "KPCA_CAM",
     "NEIGHBOR_WEIGHTS",
     "BaseCAM",
     "BinaryClassifierOutputTarget",
@@ -97,6 +112,8 @@ __all__ = [
     "ClassifierOutputReST",
     "ClassifierOutputSoftmaxTarget",
     "ClassifierOutputTarget",
+    "DFFResult",
+    "DeepFeatureFactorization",
     "DeletionCurve",
     "DetectionCAM",
     "DetectionCAMs",
@@ -114,6 +131,7 @@ __all__ = [
     "InsertionCurve",
     "LayerCAM",
     "LinenTap",
+    "NMFResult",
     "NNXTap",
     "PerturbationConfidenceMetric",
     "PreparedTargets",
@@ -138,15 +156,20 @@ __all__ = [
     "compute_cam_prepared",
     "detection_cams",
     "detection_colors",
+    "dff",
     "draw_detections",
+    "fem",
     "finer_cam",
     "first_component_projection",
     "gaussian_blur",
     "get_method",
     "jet_colormap",
+    "kernel_pca_projection",
+    "kpca_cam",
     "list_methods",
     "make_tap",
     "metric_cache_info",
+    "nmf",
     "noisy_linear_impute",
     "normalize_targets",
     "percentile_threshold",
@@ -163,5 +186,6 @@ __all__ = [
     "set_compile_cache_size",
     "show_cam_on_image",
     "show_detection_cams",
+    "show_factorization_on_image",
     "structural_key",
 ]

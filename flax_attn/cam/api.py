@@ -30,6 +30,8 @@ from flax_attn.cam.targets import PreparedTargets
 
 __all__ = [
     "DEFAULT_COMPILE_CACHE_SIZE",
+    "FEM",
+    "KPCA_CAM",
     "BaseCAM",
     "CacheInfo",
     "EigenCAM",
@@ -348,3 +350,50 @@ class FinerCAM(BaseCAM):
                            target_idx=target_idx)  # equal by value: same options, same compiled function
         return self._run(method, input_tensor, targets, aug_smooth=aug_smooth,
                          eigen_smooth=eigen_smooth, return_raw=return_raw, key=key)
+
+
+class KPCA_CAM(BaseCAM):  # grad-cam's class name
+    """KPCA-CAM (Karmani et al. 2024, arXiv:2410.00267): the first kernel principal component of the
+    activations, gradient-free, with grad-cam's kernel (``"sigmoid"``) and ``gamma`` (``None``: ``1 /
+    channels``); the same maps as grad-cam's scikit-learn ``KernelPCA`` (its sign convention included, see
+    :func:`~flax_attn.cam.methods.kernel_pca_projection`). ``kernel``: ``"linear"``, ``"poly"``,
+    ``"rbf"``, ``"sigmoid"``, ``"cosine"``; ``coef0``/``degree``: scikit-learn's defaults. Each image costs
+    an ``eigh`` of an ``(h*w, h*w)`` matrix per target layer. See :class:`BaseCAM`.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> w = jax.random.normal(jax.random.key(0), (4, 3))
+        >>> cam = KPCA_CAM((jnp.tanh, lambda a: a.mean((1, 2)) @ w), kernel="rbf")
+        >>> cam(jax.random.normal(jax.random.key(1), (2, 5, 5, 4))).shape
+        (2, 5, 5)
+    """
+
+    method_name = "kpcacam"
+
+    def __init__(self, model: Any, target_layers: Any = None, reshape_transform: Callable | None = None,
+                 kernel: str = "sigmoid", gamma: float | None = None, *, coef0: float = 1.0, degree: float = 3.0,
+                 seed: int = 0, **tap_kwargs: Any):
+        super().__init__(model, target_layers, reshape_transform=reshape_transform, seed=seed, **tap_kwargs)
+        self.method = get_method("kpcacam", kernel=kernel, gamma=gamma, coef0=coef0, degree=degree)
+        self.kernel, self.gamma = kernel, gamma
+
+
+class FEM(BaseCAM):
+    """FEM, the Feature Explanation Method (Fuad et al. 2020): channel weights = fraction of positions above
+    ``mean + k * std`` of the channel (grad-cam's ``k=2``), map ``sum_c w_c A_c``; gradient-free. See
+    :class:`BaseCAM`.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> w = jax.random.normal(jax.random.key(0), (4, 3))
+        >>> FEM((jnp.tanh, lambda a: a.mean((1, 2)) @ w), k=1)(jax.random.normal(jax.random.key(1), (2, 5, 5, 4))).shape
+        (2, 5, 5)
+    """
+
+    method_name = "fem"
+
+    def __init__(self, model: Any, target_layers: Any = None, reshape_transform: Callable | None = None,
+                 k: float = 2.0, *, seed: int = 0, **tap_kwargs: Any):
+        super().__init__(model, target_layers, reshape_transform=reshape_transform, seed=seed, **tap_kwargs)
+        self.method = get_method("fem", k=k)
+        self.k = k

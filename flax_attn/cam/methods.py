@@ -19,7 +19,8 @@ import jax.numpy as jnp
 
 from flax_attn.cam.postprocess import first_component_projection
 
-__all__ = ["CamInputs", "CamMethod", "get_method", "list_methods", "register_method"]
+__all__ = ["KPCA_KERNELS", "CamInputs", "CamMethod", "fem", "get_method", "kernel_pca_projection", "kpca_cam",
+           "list_methods", "register_method"]
 
 
 class CamInputs(NamedTuple):
@@ -96,6 +97,11 @@ def get_method(name: str | CamMethod, **options: Any) -> CamMethod:
         raise ValueError(f"unknown CAM method {name!r}; available: {list_methods()}")
     if key == "finercam" and options:
         return finer_cam(**options)
+    if options and key in _OPTION_FACTORIES:  # KPCA-CAM, FEM (defined below)
+        allowed = sorted(_OPTION_FACTORIES[key].__kwdefaults__ or ())
+        if set(options) - set(allowed):
+            raise ValueError(f"method {name!r} takes the options {allowed}, got {sorted(options)}")
+        return _OPTION_FACTORIES[key](**options)
     if options:
         raise ValueError(f"method {name!r} takes no options, got {sorted(options)}")
     return _METHODS[key]
@@ -244,3 +250,131 @@ class FinerDefaultTargets:
 
 
 FINERCAM = register_method(finer_cam())
+
+
+# ------------------------------------------------------------------------------------------------------
+# KPCA-CAM and FEM (gradient-free, as grad-cam 1.5.7's KPCA_CAM and FEM)
+# ------------------------------------------------------------------------------------------------------
+
+#: the kernels of scikit-learn's ``KernelPCA`` that KPCA-CAM accepts (``"precomputed"`` has no meaning here)
+KPCA_KERNELS = ("linear", "poly", "rbf", "sigmoid", "cosine")
+
+
+def _kernel_matrix(x: jax.Array, kernel: str, gamma: float, coef0: float, degree: float) -> jax.Array:
+    """scikit-learn's ``pairwise_kernels(x, metric=kernel, gamma=..., coef0=..., degree=...)`` of ``(N, C)``."""
+    if kernel == "cosine":  # sklearn.preprocessing.normalize: rows of norm 0 stay 0
+        n = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
+        x = x / jnp.where(n == 0, 1, n)
+        return x @ x.T
+    if kernel == "rbf":  # euclidean_distances: xx + yy - 2 x.y, clipped at 0, exact zeros on the diagonal
+        sq = jnp.sum(x * x, axis=-1)
+        d2 = jnp.maximum(sq[:, None] + sq[None, :] - 2 * (x @ x.T), 0)
+        d2 = jnp.where(jnp.eye(x.shape[0], dtype=bool), 0, d2)
+        return jnp.exp(-gamma * d2)
+    k = x @ x.T
+    if kernel == "linear":
+        return k
+    if kernel == "poly":
+        return (gamma * k + coef0) ** degree
+    return jnp.tanh(gamma * k + coef0)  # sigmoid
+
+
+def kernel_pca_projection(a: jax.Array, kernel: str = "sigmoid", gamma: float | None = None, *,
+                          coef0: float = 1.0, degree: float = 3.0) -> jax.Array:
+    """grad-cam's ``get_2d_projection_kernel`` for ONE channels-last map ``(*spatial, C)``: scikit-learn's
+    ``KernelPCA(n_components=1, kernel=kernel, gamma=gamma).fit_transform`` of the centred positions.
+
+    Steps, as scikit-learn 1.x: NaNs -> 0; the ``(N, C)`` matrix of positions is centred over positions;
+    ``gamma=None`` means ``1 / C``; the kernel matrix is centred (``KernelCenterer``: ``K - 1K/N - K1/N +
+    1K1/N^2``); its top eigenpair ``(lam, v)`` by ``eigh`` (scikit-learn's ``"auto"`` solver uses ARPACK
+    above 200 positions, which converges to the same pair); the SIGN is fixed as ``svd_flip`` does: the
+    entry of largest magnitude of ``v`` is made positive (the first such entry on ties); the projection is
+    ``v * sqrt(lam)`` (``lam`` clipped at 0: scikit-learn raises if the top eigenvalue is negative, which a
+    non-PSD sigmoid kernel can produce; we return zeros there). Use :func:`jax.vmap` for batches.
+
+    Example:
+        >>> import jax
+        >>> kernel_pca_projection(jax.random.normal(jax.random.key(0), (5, 6, 8))).shape
+        (5, 6)
+    """
+    a = jnp.where(jnp.isnan(a), 0, a)
+    spatial = a.shape[:-1]
+    flat = a.reshape(-1, a.shape[-1])
+    flat = flat - jnp.mean(flat, axis=0)
+    g = 1.0 / flat.shape[-1] if gamma is None else gamma
+    k = _kernel_matrix(flat, kernel, g, coef0, degree)
+    k = k - jnp.mean(k, axis=0, keepdims=True) - jnp.mean(k, axis=1, keepdims=True) + jnp.mean(k)
+    k = (k + k.T) / 2  # exactly symmetric for eigh (it reads one triangle)
+    lam, vecs = jnp.linalg.eigh(k)
+    v = vecs[:, -1]
+    v = v * jnp.sign(v[jnp.argmax(jnp.abs(v))])
+    return (v * jnp.sqrt(jnp.maximum(lam[-1], 0))).reshape(spatial)
+
+
+@dataclasses.dataclass(frozen=True)
+class _KPCAImage:
+    kernel: str = "sigmoid"
+    gamma: float | None = None
+    coef0: float = 1.0
+    degree: float = 3.0
+
+    def __call__(self, c: CamInputs) -> jax.Array:  # eigen_smooth is ignored, as in grad-cam
+        return kernel_pca_projection(c.acts, self.kernel, self.gamma, coef0=self.coef0, degree=self.degree)
+
+
+def _real_option(name: str, value: Any, *, positive: bool = False, allow_none: bool = False) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) < float("inf") or (
+            positive and value <= 0):
+        what = "a positive number" if positive else "a finite number"
+        raise ValueError(f"{name}: expected {what}{' or None' if allow_none else ''}, got {value!r}")
+    return float(value)
+
+
+def kpca_cam(*, kernel: str = "sigmoid", gamma: float | None = None, coef0: float = 1.0,
+             degree: float = 3.0) -> CamMethod:
+    """KPCA-CAM (Karmani et al. 2024, arXiv:2410.00267): the first kernel principal component of the
+    activations (:func:`kernel_pca_projection`), gradient-free; grad-cam's kernel (``"sigmoid"``) and
+    ``gamma`` (``None`` = ``1 / channels``); ``coef0``/``degree`` are scikit-learn's defaults.
+
+    Example:
+        >>> kpca_cam(kernel="rbf").options
+        (('kernel', 'rbf'), ('gamma', None), ('coef0', 1.0), ('degree', 3.0))
+    """
+    if not isinstance(kernel, str) or kernel not in KPCA_KERNELS:
+        raise ValueError(f"kernel: expected one of {KPCA_KERNELS} (scikit-learn's KernelPCA kernels), got {kernel!r}")
+    img = _KPCAImage(kernel, _real_option("gamma", gamma, positive=True, allow_none=True),
+                     _real_option("coef0", coef0) or 0.0, _real_option("degree", degree, positive=True) or 3.0)
+    return CamMethod("kpcacam", img, uses_gradients=False,
+                     options=(("kernel", img.kernel), ("gamma", img.gamma), ("coef0", img.coef0),
+                              ("degree", img.degree)))
+
+
+@dataclasses.dataclass(frozen=True)
+class _FEMImage:
+    k: float = 2.0
+
+    def __call__(self, c: CamInputs) -> jax.Array:  # eigen_smooth is ignored, as in grad-cam
+        a = c.acts
+        ax = _spatial_axes(a)
+        th = jnp.mean(a, axis=ax) + self.k * jnp.std(a, axis=ax)  # population std (numpy's ddof=0)
+        w = jnp.mean((a > th).astype(a.dtype), axis=ax)
+        return jnp.sum(w * a, axis=-1)
+
+
+def fem(*, k: float = 2.0) -> CamMethod:
+    """FEM, the Feature Explanation Method (Fuad et al. 2020, IPTA): channel weight = fraction of positions
+    above the channel's ``mean + k * std`` (k-sigma rule), map ``sum_c w_c A_c``; gradient-free, 2-D and 3-D.
+
+    Example:
+        >>> fem(k=3).options
+        (('k', 3.0),)
+    """
+    img = _FEMImage(_real_option("k", k) or 0.0)
+    return CamMethod("fem", img, uses_gradients=False, options=(("k", img.k),))
+
+
+KPCACAM = register_method(kpca_cam())
+FEM = register_method(fem())
+_OPTION_FACTORIES: dict[str, Callable[..., CamMethod]] = {"kpcacam": kpca_cam, "fem": fem}
