@@ -15,6 +15,7 @@ from flax_attn.models.resnet import BasicBlock, Bottleneck, ResNet
 from flax_attn.models.vgg import VGG
 from flax_attn.models.yolo import YOLOV5_ANCHORS, YOLOV5_CONFIGS, YOLOv5, yolov5_num_params
 from flax_attn.models.yolo_loss import YOLOv5LossHyp, yolov5_loss
+from flax_attn.models.yolo_metrics import COCO_IOU_THRESHOLDS, COCO_RECALL_THRESHOLDS, DetectionMetrics, detection_map
 from flax_attn.models.yolo_ops import (
     Detections,
     NMSResult,
@@ -29,6 +30,8 @@ from flax_attn.models.yolo_ops import (
 )
 
 __all__ = [
+    "COCO_IOU_THRESHOLDS",
+    "COCO_RECALL_THRESHOLDS",
     "EFFICIENTNET_CONFIGS",
     "REGNET_CONFIGS",
     "VGG",
@@ -36,6 +39,7 @@ __all__ = [
     "YOLOV5_CONFIGS",
     "BasicBlock",
     "Bottleneck",
+    "DetectionMetrics",
     "Detections",
     "EfficientNet",
     "EfficientNetConfig",
@@ -52,6 +56,7 @@ __all__ = [
     "YOLOv5LossHyp",
     "box_iou",
     "create_model",
+    "detection_map",
     "letterbox",
     "letterbox_boxes",
     "list_models",
