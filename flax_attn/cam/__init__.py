@@ -80,6 +80,7 @@ from flax_attn.cam.metrics import (
     road_keep_mask,
 )
 from flax_attn.cam.postprocess import aggregate_layers, first_component_projection, resize_maps, scale_cam
+from flax_attn.cam.score import ISCAM, SSCAM, ScoreCAM, SmoothGradCAMpp, is_cam, score_cam, smooth_gradcampp, ss_cam
 from flax_attn.cam.taps import FunctionTap, LinenTap, NNXTap, Tap, make_tap, structural_key
 from flax_attn.cam.targets import (
     BinaryClassifierOutputTarget,
@@ -189,3 +190,4 @@ __all__ = [
     "show_factorization_on_image",
     "structural_key",
 ]
+__all__ += ["ISCAM", "SSCAM", "ScoreCAM", "SmoothGradCAMpp", "is_cam", "score_cam", "smooth_gradcampp", "ss_cam"]
