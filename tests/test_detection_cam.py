@@ -240,11 +240,40 @@ def test_jit_caching_class_and_function(model, x, cam_k12):
     model2 = TinyYolo(rngs=nnx.Rngs(5))  # same structure, new values: the function form hits its cache
     kw = dict(method="gradcam", conf_threshold=0.1, ratio=0.1, max_detections=5)
     r1 = fc.detection_cams(model, x, ["model.1"], **kw, backward_type="conf")
-    size = det._function_jit._cache_size()
+    traces = fc.compile_cache_info().traces
     fc.detection_cams(model, x, ["model.1"], **{**kw, "conf_threshold": 0.5})
     r2 = fc.detection_cams(model2, x, ["model.1"], **kw)
-    assert det._function_jit._cache_size() == size
+    assert fc.compile_cache_info().traces == traces
     assert not np.array_equal(np.asarray(r1.predictions), np.asarray(r2.predictions))
+
+
+def test_detection_cams_share_the_engines_compile_cache(model, x):
+    """One LRU for the engine and detection CAMs: one size knob, one clear, and the class and the function
+    (and a rebuilt lambda backward_type) reuse each other's compiled functions."""
+    kw = dict(conf_threshold=0.1, ratio=0.1, max_detections=4)
+    fc.clear_compile_cache()
+    try:
+        fc.detection_cams(model, x, ["model.2"], method="xgradcam", **kw)
+        info = fc.compile_cache_info()
+        assert (info.misses, info.traces, info.size) == (1, 1, 1)
+        cam = fc.DetectionCAM(model, ["model.2"], method="xgradcam")
+        cam(x, **kw)  # the function's entry: no compilation
+        assert cam.num_traces == 0 and fc.compile_cache_info().hits == 1
+        for c in (1, 1, 2):  # a rebuilt lambda with the same closure value is the same key, another value is not
+            cam(x, **kw, backward_type=lambda r, c=c: r[4] * c)
+        assert cam.num_traces == 2
+        fc.GradCAM(model, ["model.2"])(x, [lambda o: o[0, 4]] * 2)  # an engine entry in the same cache
+        assert fc.compile_cache_info().size == 4
+        fc.set_compile_cache_size(2)  # bounds detection entries too: least recently used dropped
+        assert fc.compile_cache_info().size == 2
+        cam(x, **kw)  # its entry was dropped: compiled again
+        assert cam.num_traces == 3
+        fc.clear_compile_cache()
+        assert fc.compile_cache_info().size == 0
+        cam(x, **kw)
+        assert cam.num_traces == 4
+    finally:
+        fc.set_compile_cache_size(fc.DEFAULT_COMPILE_CACHE_SIZE)
 
 
 def test_nms_mode_selects_the_detectors_nms_detections(model, x):
@@ -345,7 +374,7 @@ def test_figures(model, x, tmp_path):
     assert [s for s, _ in panels] == [int(i) for i in np.nonzero(~np.asarray(res.constant[0]))[0]]
     colors = fc.detection_colors(NC)
     s, overlay = panels[0]
-    x1, y1, x2, y2 = np.asarray(res.boxes[0, s]).astype(int)
+    x1, y1, x2, _y2 = np.asarray(res.boxes[0, s]).astype(int)
     col = colors[int(res.classes[0, s])]
     if 0 <= y1 < H and 0 < x1 + 2 < x2 < W:  # the box's top edge in the class colour
         np.testing.assert_array_equal(overlay[y1, x1 + 2], col)

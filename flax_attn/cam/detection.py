@@ -27,10 +27,14 @@ Post-processing (``postprocess=``):
   ``aggregate_multi_layers`` (mean, min-max with ``1e-7``). The two orders differ (min-max before or after
   the resize: up to ~1/(2 * stride) of the range near interior extrema), hence the switch.
 
-Recompilation (class form and the function alike): input shape/dtype, model structure, target layers,
-``max_detections``, ``method``, ``backward_type`` (a new callable object recompiles), ``postprocess``,
-``eigen_smooth``, ``nms_iou`` (the NMS's IoU threshold is static). ``conf_threshold``, ``ratio`` and parameter
-values are traced: changing them never recompiles.
+Compilation: the class form and the function share the CAM engine's ONE compile cache (the LRU of
+:func:`~flax_attn.cam.compile_cache_info`, bounded by :func:`~flax_attn.cam.set_compile_cache_size`, emptied by
+:func:`~flax_attn.cam.clear_compile_cache`), so a ``DetectionCAM`` and a ``detection_cams`` call with the same
+options use the same compiled function. Its key (a change recompiles once): input shape/dtype, model
+structure (NNX ``graphdef``), target layers, ``max_detections``, ``method``, ``backward_type`` (a callable by
+:func:`~flax_attn.cam.taps.structural_key`: the same ``lambda`` source with the same closure values hits the
+cache), ``postprocess``, ``eigen_smooth``, ``nms_iou`` (the NMS's IoU threshold is static).
+``conf_threshold``, ``ratio`` and parameter values are traced: changing them never recompiles.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -45,10 +50,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax_attn.cam.api import _COMPILED, _OUTPUT_SHAPES, _aval, _Entry
 from flax_attn.cam.engine import _check_input
 from flax_attn.cam.methods import CamInputs, CamMethod, get_method
 from flax_attn.cam.postprocess import aggregate_layers, resize_maps, scale_cam
-from flax_attn.cam.taps import FunctionTap, LinenTap, NNXTap, Tap, make_tap
+from flax_attn.cam.taps import Tap, make_tap, structural_key
 
 __all__ = [
     "BACKWARD_TYPES",
@@ -347,17 +353,16 @@ class _Prepared(NamedTuple):
     nms_iou: float | None
 
 
-def _prepare(tap: Tap, x: Any, out_cache: dict, *, max_detections: Any, ratio: Any, conf_threshold: Any,
+def _prepare(tap: Tap, x: Any, *, max_detections: Any, ratio: Any, conf_threshold: Any,
              backward_type: Any, postprocess: Any, nms_iou: Any) -> tuple[jax.Array, _Prepared, Any]:
     k, ratio_f, thr, bt, iou = _check_options(max_detections, ratio, conf_threshold, backward_type, postprocess, nms_iou)
     x = _check_input(x)
     if x.ndim != 4:
         raise ValueError(f"x: expected channels-last images (B, H, W, C), got shape {x.shape}")
     static, dynamic = tap.split()
-    ck = (static, x.shape, x.dtype)
-    if ck not in out_cache:
-        out_cache[ck] = jax.eval_shape(lambda: tap.run(x)[0])  # the model's own shape errors surface here
-    n, _ = _check_output(out_cache[ck], x.shape[0])
+    # the engine's shared cache of output structures (the model's own shape errors surface here)
+    out = _OUTPUT_SHAPES.get((static, _aval(x)), lambda: jax.eval_shape(lambda: tap.run(x)[0]))
+    n, _ = _check_output(out, x.shape[0])
     if k > n:
         raise ValueError(f"max_detections: {k} slots per image but the model makes only {n} predictions "
                          f"for input {x.shape}")
@@ -365,8 +370,36 @@ def _prepare(tap: Tap, x: Any, out_cache: dict, *, max_detections: Any, ratio: A
     return x, _Prepared(k, thr, n_visit, bt, iou), (static, dynamic)
 
 
+def _run_compiled(tap: Tap, x: jax.Array, p: _Prepared, static: Any, dynamic: Any, *, method: CamMethod,
+                  postprocess: str, eigen_smooth: bool) -> tuple[DetectionCAMs, int]:
+    """Runs the shared compiled function for these options (compiled on a miss); returns the result and the
+    number of traces the call caused."""
+    bt = p.backward_type
+    key = ("detection_cams", type(tap), static, _aval(x), p.k, method, structural_key(bt), p.nms_iou, postprocess,
+           eigen_smooth)
+
+    def make():
+        entry = _Entry()
+
+        def impl(dynamic, x, thr, n_visit):
+            _COMPILED.traces += 1
+            t = entry.tap().rebuild(static, dynamic)  # the calling tap; the entry never keeps a model alive
+            return _detect_impl(t, x, thr, n_visit, p.nms_iou, k=p.k, method=method, backward_type=bt,
+                                postprocess=postprocess, eigen_smooth=eigen_smooth)
+
+        entry.fn = jax.jit(impl)
+        return entry
+
+    entry = _COMPILED.get(key, make)
+    entry.tap = weakref.ref(tap)
+    before = _COMPILED.traces
+    res = entry.fn(dynamic, x, jnp.asarray(p.thr, x.dtype), jnp.asarray(p.n_visit, jnp.int32))
+    return res, _COMPILED.traces - before
+
+
 class DetectionCAM:
-    """Per-detection CAMs of a YOLO-style detector, one jitted call per image batch (cached compilation).
+    """Per-detection CAMs of a YOLO-style detector, one jitted call per image batch (compiled functions in the
+    CAM engine's shared LRU cache, as :class:`~flax_attn.cam.GradCAM`'s).
 
     ``model``: a ``flax.nnx.Module`` whose eval forward returns decoded predictions ``(B, N, 5 + nc)`` (or a
     tuple starting with them), e.g. ``create_model("yolov5s")``; or any :class:`~flax_attn.cam.Tap`.
@@ -375,7 +408,8 @@ class DetectionCAM:
     ``"gradcam++"``, ``"xgradcam"``, ``"layercam"``, ``"hirescam"``, ``"gradcamelementwise"``,
     ``"eigengradcam"``, gradient-free ``"eigencam"``) or a :class:`~flax_attn.cam.CamMethod`.
     ``postprocess``: ``"article"`` or ``"gradcam"`` (module docstring). Calls take the options of
-    :func:`detection_cams` and return :class:`DetectionCAMs`; ``num_traces`` counts compilations.
+    :func:`detection_cams` and return :class:`DetectionCAMs`; ``num_traces`` counts the compilations this
+    object's calls caused (0 when the same options were compiled before, by any object or the function).
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -400,60 +434,20 @@ class DetectionCAM:
         self.postprocess = postprocess
         self.eigen_smooth = bool(eigen_smooth)
         self.num_traces = 0
-        self._out_shapes: dict[Any, Any] = {}
-        self._jitted = jax.jit(self._impl, static_argnames=("static", "k", "backward_type", "nms_iou"))
-
-    def _impl(self, dynamic, x, thr, n_visit, *, static, k, backward_type, nms_iou):
-        self.num_traces += 1
-        tap = self.tap.rebuild(static, dynamic)
-        return _detect_impl(tap, x, thr, n_visit, nms_iou, k=k, method=self.method,
-                            backward_type=backward_type, postprocess=self.postprocess,
-                            eigen_smooth=self.eigen_smooth)
 
     def __call__(self, x: jax.Array, *, max_detections: int = 20, conf_threshold: float = 0.6,
                  ratio: float = 0.02, backward_type: str | Callable[[jax.Array], jax.Array] = "conf",
                  nms_iou: float | None = None) -> DetectionCAMs:
-        x, p, (static, dynamic) = _prepare(self.tap, x, self._out_shapes, max_detections=max_detections,
-                                           ratio=ratio, conf_threshold=conf_threshold,
-                                           backward_type=backward_type, postprocess=self.postprocess,
-                                           nms_iou=nms_iou)
-        return self._jitted(dynamic, x, jnp.asarray(p.thr, x.dtype), jnp.asarray(p.n_visit, jnp.int32),
-                            static=static, k=p.k, backward_type=p.backward_type, nms_iou=p.nms_iou)
+        x, p, (static, dynamic) = _prepare(self.tap, x, max_detections=max_detections, ratio=ratio,
+                                           conf_threshold=conf_threshold, backward_type=backward_type,
+                                           postprocess=self.postprocess, nms_iou=nms_iou)
+        res, traces = _run_compiled(self.tap, x, p, static, dynamic, method=self.method,
+                                    postprocess=self.postprocess, eigen_smooth=self.eigen_smooth)
+        self.num_traces += traces
+        return res
 
     def __repr__(self) -> str:
         return f"DetectionCAM(target_layers={list(self.target_layers)}, method={self.method.name!r})"
-
-
-def _function_impl(dynamic, x, thr, n_visit, *, static, k, method, backward_type, postprocess, eigen_smooth,
-                   nms_iou):
-    tap = static.rebuild_from(dynamic)
-    return _detect_impl(tap, x, thr, n_visit, nms_iou, k=k, method=method,
-                        backward_type=backward_type, postprocess=postprocess, eigen_smooth=eigen_smooth)
-
-
-class _StaticTap:
-    """jit key of the function form: the tap's own static part (NNX: graphdef + layers, no model reference)."""
-
-    def __init__(self, tap: Tap, static: Any):
-        self.tap_type, self.static = type(tap), static
-        # the library's taps rebuild from (static, dynamic) alone: keep no reference to the model in jit's cache
-        self._rebuild = (functools.partial(type(tap).rebuild, None)  # type: ignore[arg-type]  # reads no self
-                         if type(tap) in (NNXTap, LinenTap, FunctionTap) else tap.rebuild)
-        self._hash = hash((self.tap_type, static))
-
-    def rebuild_from(self, dynamic):
-        return self._rebuild(self.static, dynamic)
-
-    def __hash__(self):
-        return self._hash
-
-    def __eq__(self, other):
-        return isinstance(other, _StaticTap) and self.tap_type is other.tap_type and self.static == other.static
-
-
-_function_jit = jax.jit(_function_impl, static_argnames=("static", "k", "method", "backward_type", "postprocess",
-                                                         "eigen_smooth", "nms_iou"))
-_OUT_SHAPES: dict[Any, Any] = {}
 
 
 def detection_cams(model: Any, x: jax.Array, target_layers: Sequence[str] | None = DEFAULT_LAYERS, *,
@@ -482,8 +476,9 @@ def detection_cams(model: Any, x: jax.Array, target_layers: Sequence[str] | None
       eigen_smooth: first principal component instead of the channel sum (grad-cam's option).
 
     Returns:
-      :class:`DetectionCAMs`. The compiled function is cached (per model structure, layers, method,
-      options; see the module docstring for what recompiles).
+      :class:`DetectionCAMs`. The compiled function lives in the CAM engine's shared LRU cache
+      (:func:`~flax_attn.cam.compile_cache_info`), shared with :class:`DetectionCAM`; see the module docstring
+      for what recompiles.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -498,14 +493,11 @@ def detection_cams(model: Any, x: jax.Array, target_layers: Sequence[str] | None
     """
     tap = make_tap(model, _layers_for(model, target_layers))
     m = _check_method(method)
-    if len(_OUT_SHAPES) > 64:
-        _OUT_SHAPES.clear()
-    x, p, (static, dynamic) = _prepare(tap, x, _OUT_SHAPES, max_detections=max_detections, ratio=ratio,
+    x, p, (static, dynamic) = _prepare(tap, x, max_detections=max_detections, ratio=ratio,
                                        conf_threshold=conf_threshold, backward_type=backward_type,
                                        postprocess=postprocess, nms_iou=nms_iou)
-    return _function_jit(dynamic, x, jnp.asarray(p.thr, x.dtype), jnp.asarray(p.n_visit, jnp.int32),
-                         static=_StaticTap(tap, static), k=p.k, method=m, backward_type=p.backward_type,
-                         postprocess=postprocess, eigen_smooth=bool(eigen_smooth), nms_iou=p.nms_iou)
+    return _run_compiled(tap, x, p, static, dynamic, method=m, postprocess=postprocess,
+                         eigen_smooth=bool(eigen_smooth))[0]
 
 
 # ------------------------------------------------------------------------------------------------------
