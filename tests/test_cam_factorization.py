@@ -3,6 +3,9 @@ monotone descent, the KPCA sign rule, 3-D maps, NaN handling, and the errors use
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,6 +109,14 @@ def test_dff_class_jit_cache_nan_and_head(net, x):
     raw = fc.DeepFeatureFactorization(net, [net.layer2])(x, 3, return_raw=True)
     assert isinstance(raw, fc.DFFResult) and raw.concept_outputs is None and raw.raw_explanations.shape == (2, 3, 5, 5)
     np.testing.assert_allclose(raw.concepts, concepts, rtol=1e-6)
+    other = Net(rngs=nnx.Rngs(7))  # same structure: the compiled function is shared, the model not kept alive
+    d2 = fc.DeepFeatureFactorization(other, "layer2")
+    d2(x, n_components=3)
+    assert d2.num_traces == 0
+    ref = weakref.ref(other)
+    del d2, other
+    gc.collect()
+    assert ref() is None
     acts = jax.random.normal(jax.random.key(5), (2, 4, 4, 6)).at[0, 1, 1, 2].set(jnp.nan)
     c, e = fc.dff(acts, 2)
     c0, e0 = fc.dff(acts.at[0, 1, 1, 2].set(0.0), 2)  # NaN -> 0, as grad-cam

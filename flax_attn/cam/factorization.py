@@ -232,16 +232,21 @@ class DeepFeatureFactorization:
         self.num_traces = 0
 
     def _compiled(self, static: Any, x: jax.Array, k: int):
-        from flax_attn.cam.api import _COMPILED, _aval
+        import weakref
+
+        from flax_attn.cam.api import _COMPILED, _aval, _Entry
 
         key = ("deep_feature_factorization", static, _aval(x), k, self.random_state, self.tol, self.max_iter,
                structural_key(self.reshape_transform))
-        tap, reshape = self.tap, self.reshape_transform
+        reshape = self.reshape_transform
         opts = {"random_state": self.random_state, "tol": self.tol, "max_iter": self.max_iter}
 
         def make():
+            entry = _Entry()
+
             def impl(dynamic, x):
                 _COMPILED.traces += 1
+                tap = entry.tap()  # the calling object's tap; the cache never keeps a model alive
                 _, (acts,) = tap.rebuild(static, dynamic).run(x)
                 if reshape is not None:
                     acts = reshape(acts)
@@ -252,9 +257,12 @@ class DeepFeatureFactorization:
                 expl = resize_maps(scale_cam(raw, spatial_ndim=raw.ndim - 2), x.shape[1:-1])
                 return concepts, expl, raw, res.reconstruction_err, res.n_iter
 
-            return jax.jit(impl)
+            entry.fn = jax.jit(impl)
+            return entry
 
-        return _COMPILED.get(key, make)
+        entry = _COMPILED.get(key, make)
+        entry.tap = weakref.ref(self.tap)
+        return entry.fn
 
     def __call__(self, input_tensor: jax.Array, n_components: int = 16, *,
                  return_raw: bool = False) -> tuple[Any, ...] | DFFResult:
@@ -383,7 +391,7 @@ def show_factorization_on_image(img: Any, explanations: Any, colors: Sequence[An
         >>> e = np.stack([np.eye(4), 1 - np.eye(4)])
         >>> out = show_factorization_on_image(np.zeros((4, 4, 3)), e, colors=[(1, 0, 0), (0, 0, 1)])
         >>> out[0, 0].tolist(), out[0, 1].tolist()
-        [[127, 0, 0], [0, 0, 127]]
+        ([127, 0, 0], [0, 0, 127])
     """
     img = np.asarray(img)
     if not np.issubdtype(img.dtype, np.floating):
