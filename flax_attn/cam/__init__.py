@@ -33,6 +33,7 @@ from flax_attn.cam.api import (
     compile_cache_info,
     set_compile_cache_size,
 )
+from flax_attn.cam.ablation import AblationCAM, ablation_cam
 from flax_attn.cam.detection import (
     BACKWARD_TYPES,
     DetectionCAM,
@@ -98,6 +99,7 @@ from flax_attn.cam.targets import (
 
 __all__ = [
     "AUG_TRANSFORMS",
+    "AblationCAM",
     "BACKWARD_TYPES",
     "DEFAULT_COMPILE_CACHE_SIZE",
     "FEM",
@@ -149,6 +151,7 @@ __all__ = [
     "Tap",
     "Target",
     "XGradCAM",
+    "ablation_cam",
     "aggregate_layers",
     "check_images",
     "clear_compile_cache",
