@@ -8,7 +8,8 @@ images, one with no target, boxes at the image edges (``cx = 0`` and ``1``: the 
 exact half-cell positions (the neighbour rule is ``frac < 0.5``, strict) and just inside them, tiny and
 large boxes (some levels match no anchor), and targets that share an (anchor, cell) so the objectness
 target keeps the *last* write. Compared: the loss, its three parts and the gradient w.r.t. every map,
-float32 on both sides, relative error <= 1e-5 (no float64 needed: measured errors are ~1e-7).
+float32 on both sides, relative error <= 1e-5 (no float64 needed: measured <= 3e-7 on the loss and parts,
+<= 1.3e-7 on the gradients, random-map cases with the default, scaled and all-options gains).
 """
 
 from __future__ import annotations
