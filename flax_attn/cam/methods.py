@@ -80,7 +80,7 @@ def list_methods() -> list[str]:
 
 
 def get_method(name: str | CamMethod, **options: Any) -> CamMethod:
-    """A registered method by name (case-insensitive); ``options`` go to methods that take some (FinerCAM).
+    """A registered method by name (case-insensitive); ``options`` go to methods that take some (FinerCAM, KPCA-CAM, FEM).
 
     Example:
         >>> get_method("GradCAM").name
