@@ -87,7 +87,7 @@ def create_model(name: str, *, rngs: nnx.Rngs | None = None, jit: bool = True, *
 # the hundreds of small random-number kernels of a model's init takes 3-6x longer than at level 0 (YOLOv5n:
 # 27 s vs ~6 s on a quiet 2-core Xeon) and gains nothing at run time. The draws are the same bits; only
 # the scaling arithmetic may round differently (measured: <= 4e-9 on YOLOv5n's parameters).
-_INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+_INIT_COMPILER_OPTIONS: dict[str, str | bool] = {"xla_backend_optimization_level": "0"}
 
 
 def _jitted_init(factory: Callable[..., nnx.Module], rngs: nnx.Rngs, kwargs: dict[str, Any]) -> nnx.Module:
