@@ -206,6 +206,9 @@ def test_jit_cache_shared_and_not_retraced(data):
     m2 = fc.ROADLeastRelevantFirstAverage([25, 75])
     m2(x * 2, cams, [fc.ClassifierOutputTarget(int(c)) for c in cls], model)
     assert m2.num_traces == 0  # another object, same model and options: the shared cache
+    m3 = fc.ROADLeastRelevantFirstAverage([10, 90])
+    m3(x, cams, cls, model)
+    assert m3.num_traces == 0  # new percentile values (same count) are arguments, not constants
     c = fc.CamMultImageConfidenceChange()
     c(x, cams, cls, model)
     before = fc.metric_cache_info()[2]

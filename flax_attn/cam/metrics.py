@@ -47,6 +47,7 @@ probability: pass :class:`~flax_attn.cam.ClassifierOutputSoftmaxTarget` for its 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import weakref
 from collections.abc import Callable, Sequence
@@ -151,11 +152,41 @@ def _check_images_2d(x: Any) -> jax.Array:
 # ------------------------------------------------------------------------------------------------------
 
 
+def _lerp_params(n: int, percentiles: Sequence[float]) -> tuple[np.ndarray, ...]:
+    """numpy's ``linear`` percentile of ``n`` sorted values as (lo, hi, t, 1 - t, t >= 0.5) per percentile,
+    computed on the host in float64 exactly as ``np.percentile`` does for a Python-number ``q``."""
+    lo_l, hi_l, t_l, up_l = [], [], [], []
+    for p in percentiles:
+        vi = (n - 1) * np.true_divide(p, 100)  # numpy: virtual index (float64), then floor / clip / gamma
+        if vi >= n - 1:
+            lo = hi = n - 1
+            gamma = float(vi - (-1))  # numpy sets both indices to -1; the lerp of equal ends is exact
+        else:
+            lo = max(int(np.floor(vi)), 0)
+            hi, gamma = lo + 1, float(vi - lo)
+        lo_l.append(lo)
+        hi_l.append(hi)
+        t_l.append(gamma)
+        up_l.append(gamma >= 0.5)
+    t = np.asarray(t_l, np.float64)
+    return (np.asarray(lo_l, np.int32), np.asarray(hi_l, np.int32), t.astype(np.float32),
+            (1 - t).astype(np.float32), np.asarray(up_l, bool))
+
+
+def _threshold_sorted(s: jax.Array, lo: Any, hi: Any, t: Any, omt: Any, upper: Any) -> jax.Array:
+    """numpy's two-sided lerp on sorted rows ``s`` ``(N, n)``: ``b - (b - a)(1 - t)`` if ``t >= 0.5``, else
+    ``a + (b - a) t`` (float32, as numpy on float32 data)."""
+    a = jnp.take(s, lo, axis=1)
+    b = jnp.take(s, hi, axis=1)
+    diff = b - a
+    return jnp.where(upper, b - diff * omt.astype(s.dtype), a + diff * t.astype(s.dtype))
+
+
 def percentile_threshold(values: jax.Array, percentile: float) -> jax.Array:
     """``np.percentile(values[i], percentile)`` for every leading index, float32 bit for bit as numpy's
     ``linear`` method on float32 data with a Python-number ``q`` (sort, then numpy's two-sided lerp).
 
-    ``values``: ``(N, ...)``; returns ``(N,)``. ``percentile`` is static (a Python number in [0, 100]).
+    ``values``: ``(N, ...)``; returns ``(N,)``. ``percentile``: a Python number in [0, 100].
 
     Example:
         >>> import jax.numpy as jnp
@@ -164,22 +195,8 @@ def percentile_threshold(values: jax.Array, percentile: float) -> jax.Array:
     """
     p = _check_percentile(percentile, "percentile_threshold")
     flat = values.reshape(values.shape[0], -1)
-    n = flat.shape[1]
-    vi = (n - 1) * np.true_divide(p, 100)  # numpy: virtual index (float64), then floor / clip / gamma
-    lo = int(np.floor(vi))
-    if vi >= n - 1:
-        lo = hi = n - 1
-        gamma = float(vi - (-1))
-    else:
-        lo, hi = max(lo, 0), max(lo, 0) + 1
-        gamma = float(vi - lo)
-    s = jnp.sort(flat, axis=-1)
-    a, b = s[:, lo], s[:, hi]
-    diff = b - a
-    t = jnp.asarray(gamma, flat.dtype)
-    if gamma >= 0.5:
-        return b - diff * jnp.asarray(1 - gamma, flat.dtype)
-    return a + diff * t
+    lo, hi, t, omt, up = _lerp_params(flat.shape[1], [p])
+    return _threshold_sorted(jnp.sort(flat, axis=-1), lo[0], hi[0], t[0], omt[0], up[0])
 
 
 def road_keep_mask(cams: jax.Array, percentile: float, *, most_relevant_first: bool = True) -> jax.Array:
@@ -408,7 +425,7 @@ def _model_tap(model: Any) -> Tap:
 @dataclasses.dataclass(frozen=True)
 class _Spec:
     kind: str  # "mult", "road", "curve"
-    percentiles: tuple[float, ...] = ()
+    num_percentiles: int = 0
     morf: tuple[bool, ...] = ()  # one entry per ROAD run (Combined: (False, True))
     noise: float = 0.0
     tol: float = 1e-6
@@ -438,7 +455,7 @@ def _target_scores(target: Any, grid: CallableGrid | None, t: int, output: Any, 
 
 
 def _pipeline(spec: _Spec, tap: Tap, x: jax.Array, cams: jax.Array, target: Any, grid: CallableGrid | None, t: int,
-              key: jax.Array | None):
+              key: jax.Array | None, lerp: tuple[jax.Array, ...] | None):
     """Returns (scores before (B, T), scores of each perturbation (K, B, T), perturbed images (K, B, H, W, C))."""
     b = x.shape[0]
     out0 = _forward(tap, x, spec.batch_size)
@@ -448,17 +465,23 @@ def _pipeline(spec: _Spec, tap: Tap, x: jax.Array, cams: jax.Array, target: Any,
     if spec.kind == "mult":
         pert = (x * cams[..., None])[None]
     elif spec.kind == "road":
-        imgs = []
-        for r, morf in enumerate(spec.morf):
-            keys = None if key is None else jax.random.fold_in(key, r) if len(spec.morf) > 1 else key
-            nz = None if keys is None else jax.random.normal(keys, (len(spec.percentiles),) + x.shape, x.dtype)
-            keep = jnp.concatenate([road_keep_mask(cams, p, most_relevant_first=morf) for p in spec.percentiles])
-            xs = jnp.concatenate([x] * len(spec.percentiles))
-            imp = noisy_linear_impute(xs, keep, noise=spec.noise,
-                                      noise_values=None if nz is None else nz.reshape((-1,) + x.shape[1:]),
-                                      tol=spec.tol, maxiter=spec.maxiter)
-            imgs.append(imp.reshape((len(spec.percentiles),) + x.shape))
-        pert = jnp.concatenate(imgs)
+        assert lerp is not None
+        npc = spec.num_percentiles
+        keeps = []
+        for morf in spec.morf:
+            m = cams if morf else 1 - cams
+            srt = jnp.sort(m.reshape(b, -1), axis=-1)  # one sort per image, shared by every percentile
+            thr = jax.vmap(functools.partial(_threshold_sorted, srt))(*lerp)  # (P, B)
+            keeps.append((m[None] < thr[:, :, None, None]).reshape((npc * b,) + m.shape[1:]))
+        nzs = []
+        for r in range(len(spec.morf)):
+            if key is not None:
+                kr = jax.random.fold_in(key, r) if len(spec.morf) > 1 else key
+                nzs.append(jax.random.normal(kr, (npc,) + x.shape, x.dtype).reshape((-1,) + x.shape[1:]))
+        xs = jnp.concatenate([x] * (npc * len(spec.morf)))
+        pert = noisy_linear_impute(xs, jnp.concatenate(keeps), noise=spec.noise,
+                                   noise_values=jnp.concatenate(nzs) if nzs else None, tol=spec.tol,
+                                   maxiter=spec.maxiter).reshape((-1,) + x.shape)
     else:
         raise AssertionError(spec.kind)
     k = pert.shape[0]
@@ -524,6 +547,7 @@ class _MetricBase:
     """Shared call machinery: model -> tap, preflight, the jitted pipeline, per-call keys."""
 
     spec: _Spec
+    percentiles: tuple[float, ...] = ()
 
     def __init__(self, *, seed: int = 0, batch_size: int | None = None):
         self._seed = int(seed)
@@ -563,16 +587,19 @@ class _MetricBase:
         static, dynamic = tap.split()
         spec, t = self.spec, prepared.num_targets
         key = self._key(key) if spec.kind == "road" and spec.noise != 0 else None
+        # the percentiles' interpolation indices and weights are arguments, not constants: new percentile
+        # values (same count) reuse the compiled function
+        lerp = _lerp_params(x.shape[1] * x.shape[2], self.percentiles) if spec.kind == "road" else None
 
         def make_impl(get_tap, static, grid):
-            def impl(dynamic, x, cams, target, key):
+            def impl(dynamic, x, cams, target, key, lerp):
                 _COMPILED.traces += 1
-                return _pipeline(spec, get_tap().rebuild(static, dynamic), x, cams, target, grid, t, key)
+                return _pipeline(spec, get_tap().rebuild(static, dynamic), x, cams, target, grid, t, key, lerp)
             return impl
 
         fn = _compiled("pcm", spec, tap, static, prepared, (x, cams_j, key is not None), make_impl)
         before = _COMPILED.traces
-        out = fn(dynamic, x, cams_j, prepared.target, key)
+        out = fn(dynamic, x, cams_j, prepared.target, key, lerp)
         self.num_traces += _COMPILED.traces - before
         return prepared, out
 
@@ -599,8 +626,8 @@ class PerturbationConfidenceMetric(_MetricBase):
         if perturbation == "mult":
             self.spec = _Spec("mult", batch_size=self.batch_size)
         elif isinstance(perturbation, tuple) and len(perturbation) == 2 and perturbation[0] in ("morf", "lerf"):
-            p = _check_percentile(perturbation[1], who)
-            self.spec = _Spec("road", (p,), (perturbation[0] == "morf",), float(noise), float(tol),
+            self.percentiles = (_check_percentile(perturbation[1], who),)
+            self.spec = _Spec("road", 1, (perturbation[0] == "morf",), float(noise), float(tol),
                               _check_positive_int(maxiter, "maxiter"), batch_size=self.batch_size)
         else:
             raise ValueError(f"{who}: perturbation: expected 'mult' or ('morf' | 'lerf', percentile), got "
@@ -704,7 +731,7 @@ class _ROADAverage(_MetricBase):
                  maxiter: int | None = None, seed: int = 0, batch_size: int | None = None):
         super().__init__(seed=seed, batch_size=batch_size)
         self.percentiles = _check_percentiles(percentiles, type(self).__name__)
-        self.spec = _Spec("road", self.percentiles, self._runs, float(noise), float(tol),
+        self.spec = _Spec("road", len(self.percentiles), self._runs, float(noise), float(tol),
                           _check_positive_int(maxiter, "maxiter"), batch_size=self.batch_size)
 
     def _combine(self, d: jax.Array) -> jax.Array:
