@@ -179,6 +179,7 @@ def test_road_averages_match_gradcam(small, same_noise, name):
     assert max_abs(ours, ref) <= SCORE_TOL, (np.asarray(ours), ref)
 
 
+@pytest.mark.slow  # ResNet-18 compile + grad-cam's 2 x 3 x 2 sparse solves: ~60 s under load
 def test_road_combined_resnet18_matches_gradcam(resnet, same_noise):
     import jax
 
