@@ -289,8 +289,8 @@ def _score_family_prepared(tap: Tap, x: jax.Array, prepared: PreparedTargets, *,
 
 
 def _smooth_prepared(tap: Tap, x: jax.Array, prepared: PreparedTargets, *, num_samples: int, std: float,
-                     key: jax.Array, eigen_smooth: bool = False, reshape_transform: Callable | None = None,
-                     **_: Any) -> CamResult:
+                     key: jax.Array, eigen_smooth: bool = False,
+                     reshape_transform: Callable | None = None) -> CamResult:
     name = "SmoothGradCAMpp"
     output, acts = tap.run(x)
     target, grid = _resolve_target(tap, x, prepared, output, name)
