@@ -301,7 +301,7 @@ def _detect_impl(tap: Tap, x: jax.Array, conf_threshold: jax.Array, n_visit: jax
     def one(a1, g1):
         return method.cam_image(CamInputs(a1, g1, None, None, eigen_smooth))
 
-    per_layer = []
+    per_layer: list[Any] = []
     for a, g in zip(acts, grads):
         if g is not None:
             raw = jax.vmap(lambda a1, gk: jax.vmap(lambda g1: one(a1, g1))(gk))(a, g)  # (B, K, h, w)
@@ -309,17 +309,18 @@ def _detect_impl(tap: Tap, x: jax.Array, conf_threshold: jax.Array, n_visit: jax
             raw = jax.vmap(lambda a1: one(a1, None))(a)[:, None]
         raw = jnp.maximum(raw, 0)
         if postprocess == "article":
-            per_layer.append(_minmax_exact(resize_maps(raw, size))[0])
+            per_layer.append(_minmax_exact(resize_maps(raw, size)))
         else:
             per_layer.append(resize_maps(scale_cam(raw, spatial_ndim=2), size))
     if postprocess == "article":
-        if nl == 1:
-            cam = per_layer[0]
-        else:
-            cam = _minmax_exact(jnp.mean(jnp.stack(per_layer), axis=0))[0]
         # constant: the single-layer map before normalisation was constant; several layers: every layer's
-        # map was constant (then the mean is all zeros) or the mean is
-        cam_const = jnp.max(cam, axis=(-2, -1)) == 0
+        # map was constant (then the mean is all zeros) or the mean is. (The flag of the last min-max: the
+        # same as max(cam) == 0, since a non-constant map's maximum is (max - min) / (max - min) = 1 exactly,
+        # without another pass over the K full-size maps.)
+        if nl == 1:
+            cam, cam_const = per_layer[0]
+        else:
+            cam, cam_const = _minmax_exact(jnp.mean(jnp.stack([m for m, _ in per_layer]), axis=0))
     else:
         cam = aggregate_layers(per_layer, spatial_ndim=2)
         cam_const = jnp.max(cam, axis=(-2, -1)) == jnp.min(cam, axis=(-2, -1))
