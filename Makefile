@@ -9,7 +9,7 @@ YOLOV5_TEST := requirements/yolov5-test.txt
 # the YOLOv5 7.0 package (AGPL, test-only parity reference) and its helper, installed without their deps
 YOLOV5_NODEPS := yolov5==7.0.14 ultralytics==8.4.190
 
-.PHONY: demo test lint install-train install-test bench clean
+.PHONY: demo demo-detect test lint install-train install-test bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ install-test: $(VENV)/.test-installed
 
 demo: install-train
 	$(PY) -m train
+
+# YOLOv5 (width 1/8) without attention and with CBAM on digit scenes: mAP table and per-detection CAM figures
+demo-detect: install-train
+	$(PY) -m train detect
 
 # lint and types first (seconds), then the whole suite
 lint: install-test

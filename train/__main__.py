@@ -3,6 +3,7 @@
     python -m train                      # the main job: ResNet vs +SE vs +CBAM on cluttered digits
     python -m train main [--field ...]   # the same, with any Config field changed
     python -m train run --workdir DIR [--field ...]   # one run (resumes from DIR's latest checkpoint)
+    python -m train detect [--field ...] # YOLOv5 without attention vs CBAM on digit scenes (train/detect.py)
 
 Multi-host: set JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID (or run under
 SLURM / Open MPI with --distributed) on every host; each process then feeds its share of the global batch.
@@ -84,6 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--strict_checkpoints", action="store_true", help=STRICT_HELP)
     add_config_arguments(run, Config())
     subparsers["run"] = run
+    from train.detect import DEMO_ATTNS, DEMO_CONFIG, add_detect_arguments
+
+    det = sub.add_parser("detect", help="YOLOv5 detection: one run per attention block, one table",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    det.add_argument("--workdir", default="runs/detect", help="output folder (one sub-folder per model)")
+    det.add_argument("--attns", default=",".join(DEMO_ATTNS), help="comma-separated attention blocks")
+    det.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() (auto-detect)")
+    det.add_argument("--strict_checkpoints", action="store_true", help=STRICT_HELP)
+    add_detect_arguments(det, DEMO_CONFIG)
+    subparsers["detect"] = det
     return parser
 
 
@@ -94,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["main", *argv]
     args = parser.parse_args(argv)
     parser = parser.subparsers[args.command]  # type: ignore[attr-defined]  # set by build_parser()
+    if args.command == "detect":
+        return _detect(parser, args)
     try:
         config = config_from_args(args)
     except (ValueError, TypeError) as e:
@@ -123,6 +136,36 @@ def main(argv: list[str] | None = None) -> int:
 
             run_main_job(config, args.workdir, attns, strict_checkpoints=args.strict_checkpoints)
     except (DataError, ResumeError, CheckpointError) as e:  # bad input found before training: one line, rc 2
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def _detect(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``python -m train detect``: the same error handling as the main job (bad input: one line, rc 2)."""
+    from train.detect import check_detect_config, detect_config_from_args, run_detect_demo
+
+    try:
+        config = detect_config_from_args(args)
+    except (ValueError, TypeError) as e:
+        parser.error(str(e))
+    _maybe_initialize_distributed(args.distributed)
+    _setup_logging()
+    from train.checkpoints import CheckpointError
+    from train.data import DataError
+    from train.train import NonFiniteLossError, ResumeError
+
+    attns = [a.strip() for a in args.attns.split(",") if a.strip()]
+    try:
+        for a in attns:
+            check_detect_config(config.replace(attn=a))
+    except (ValueError, FileNotFoundError) as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    try:
+        run_detect_demo(config, args.workdir, attns, strict_checkpoints=args.strict_checkpoints)
+    except (DataError, ResumeError, CheckpointError, FileNotFoundError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
