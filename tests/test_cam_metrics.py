@@ -268,3 +268,27 @@ def test_bad_inputs_raise(data):
         m(x, cams, cls, "resnet")
     with pytest.raises(ValueError, match=r"baseline: expected an array broadcastable to the images"):
         fc.DeletionCurve(baseline=np.zeros((2, 2)))(x, cams, cls, model)
+
+
+def test_linen_pair_and_tap_models(data):
+    import flax.linen as nn
+
+    x, cams, cls = data
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, v):
+            return nn.Dense(K)(v.reshape(v.shape[0], -1))
+
+    net = Net()
+    variables = net.init(jax.random.key(0), x[:1])
+    kern = np.asarray(variables["params"]["Dense_0"]["kernel"], np.float64)
+    bias = np.asarray(variables["params"]["Dense_0"]["bias"], np.float64)
+
+    def ref(v):
+        return v.reshape(len(v), -1).astype(np.float64) @ kern + bias
+
+    d = (ref(x * cams[..., None]) - ref(x))[np.arange(4), cls]
+    np.testing.assert_allclose(fc.CamMultImageConfidenceChange()(x, cams, cls, (net, variables)), d, atol=1e-5)
+    tap = fc.FunctionTap(lambda v: v, lambda v: net.apply(variables, v))
+    np.testing.assert_allclose(fc.CamMultImageConfidenceChange()(x, cams, cls, tap), d, atol=1e-5)
