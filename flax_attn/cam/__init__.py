@@ -12,6 +12,7 @@ and functional (inside your own ``jax.jit``/``jax.grad``)::
     res = compute_cam(make_tap(model, ["layer4"]), x, targets, method="gradcam++")
 """
 
+from flax_attn.cam.ablation import AblationCAM, ablation_cam
 from flax_attn.cam.api import (
     DEFAULT_COMPILE_CACHE_SIZE,
     FEM,
@@ -33,7 +34,6 @@ from flax_attn.cam.api import (
     compile_cache_info,
     set_compile_cache_size,
 )
-from flax_attn.cam.ablation import AblationCAM, ablation_cam
 from flax_attn.cam.detection import (
     BACKWARD_TYPES,
     DetectionCAM,
@@ -49,6 +49,15 @@ from flax_attn.cam.detection import (
 )
 from flax_attn.cam.engine import AUG_TRANSFORMS, CamResult, check_images, compute_cam, compute_cam_prepared, preflight
 from flax_attn.cam.factorization import DeepFeatureFactorization, DFFResult, NMFResult, dff, nmf, show_factorization_on_image
+from flax_attn.cam.fullgrad import FullGrad, bias_layers, fullgrad
+from flax_attn.cam.guided import (
+    GuidedBackpropReLUModel,
+    deprocess_image,
+    guided_backprop,
+    guided_forward,
+    guided_gradcam,
+    guided_relu,
+)
 from flax_attn.cam.image import jet_colormap, plot_cam_grid, show_cam_on_image
 from flax_attn.cam.methods import (
     CamInputs,
@@ -99,12 +108,12 @@ from flax_attn.cam.targets import (
 
 __all__ = [
     "AUG_TRANSFORMS",
-    "AblationCAM",
     "BACKWARD_TYPES",
     "DEFAULT_COMPILE_CACHE_SIZE",
     "FEM",
     "KPCA_CAM",
     "NEIGHBOR_WEIGHTS",
+    "AblationCAM",
     "BaseCAM",
     "BinaryClassifierOutputTarget",
     "CacheInfo",
@@ -125,10 +134,12 @@ __all__ = [
     "EigenGradCAM",
     "FinerCAM",
     "FinerWeightedTarget",
+    "FullGrad",
     "FunctionTap",
     "GradCAM",
     "GradCAMElementWise",
     "GradCAMPlusPlus",
+    "GuidedBackpropReLUModel",
     "HiResCAM",
     "IncreaseInConfidence",
     "InsertionCurve",
@@ -153,11 +164,13 @@ __all__ = [
     "XGradCAM",
     "ablation_cam",
     "aggregate_layers",
+    "bias_layers",
     "check_images",
     "clear_compile_cache",
     "compile_cache_info",
     "compute_cam",
     "compute_cam_prepared",
+    "deprocess_image",
     "detection_cams",
     "detection_colors",
     "dff",
@@ -165,8 +178,13 @@ __all__ = [
     "fem",
     "finer_cam",
     "first_component_projection",
+    "fullgrad",
     "gaussian_blur",
     "get_method",
+    "guided_backprop",
+    "guided_forward",
+    "guided_gradcam",
+    "guided_relu",
     "jet_colormap",
     "kernel_pca_projection",
     "kpca_cam",

@@ -11,7 +11,8 @@ grad-cam's rules, reproduced:
 
 * ablation value (``AblationLayer``): ``0`` where the image's activation minimum is exactly ``0``, otherwise
   ``min - 1e7``. grad-cam's in-place loop makes the ``i``-th member of a chunk ablate to ``min - (i + 1) * 1e7``
-  when the minimum is not 0 (its result then depends on ``batch_size``); we use ``min - 1e7`` for every
+  when the minimum is not 0 (its result can then depend on ``batch_size``, unless a ReLU downstream clips
+  both values to 0); we use ``min - 1e7`` for every
   channel, which is grad-cam's result with ``batch_size=1``;
 * ``ratio_channels_to_ablate < 1`` (``AblationLayer.activations_to_be_ablated``): a binary mask
   ``|EigenCAM| > 0.01`` (after min-max), channel scores ``sum(mask * n_c) / sum(n_c)`` with ``n_c`` the channel's
