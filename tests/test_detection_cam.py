@@ -304,6 +304,7 @@ def test_nms_mode_selects_the_detectors_nms_detections(model, x):
     (dict(conf_threshold=float("nan")), ValueError, "conf_threshold"),
     (dict(postprocess="opencv"), ValueError, "postprocess"),
     (dict(method="shapleycam"), ValueError, "method"),
+    (dict(method="finercam"), ValueError, "brings its own target"),
     (dict(method="nocam"), ValueError, "unknown CAM method"),
     (dict(nms_iou=2.0), ValueError, "nms_iou"),
 ])

@@ -202,6 +202,10 @@ def _check_method(method: str | CamMethod) -> CamMethod:
                          f"{'a Hessian-vector product' if m.needs_hvp else 'a random key'}); use a gradient "
                          f"method (gradcam, gradcam++, xgradcam, layercam, hirescam, gradcamelementwise, "
                          f"eigengradcam) or eigencam")
+    if m.default_targets is not None:  # e.g. FinerCAM: its own contrast target would be silently replaced
+        raise ValueError(f"method: {m.name!r} is not supported for detection CAMs (it brings its own target, "
+                         f"which the detection score backward_type replaces); use its base method "
+                         f"(e.g. 'gradcam') with a callable backward_type for a contrast")
     return m
 
 
