@@ -24,7 +24,10 @@ Numerics: float32 on both sides. The tapped layer 23 is 2 convolutions from the 
 path is short; the normalised maps agree to 5e-6 .. 1.2e-5 max abs (measured, XGradCAM / GradCAM++, conf /
 class; asserted: <= 1e-4 as the issue asks). Of the 14 selected detections 3 are stride-32 (non-constant
 maps compared pixel by pixel), the other 11 are the stride-8/16 zero-gradient rows (flag and zero map
-compared). The selection (the same prediction rows) is asserted exactly. EigenCAM: grad-cam's ``EigenCAM`` class on the
+compared). The selection (the same prediction rows) is asserted exactly. LayerCAM, HiResCAM,
+GradCAMElementWise and EigenGradCAM (grad-cam's ``get_cam_image``, EigenGradCAM with the sign rule below) and
+the backward types ``"conf*class"`` / ``"box"`` are checked the same way, at layer 23 and at layer 20 (there the
+stride-16 AND stride-32 detections have gradients; only stride 8 is zero). EigenCAM: grad-cam's ``EigenCAM`` class on the
 package model with grad-cam's ``get_2d_projection`` patched to our deterministic sign rule (the SVD sign is
 arbitrary; see ``parity_tests/test_cam_parity.py``), compared with ``postprocess="gradcam"``.
 """
@@ -36,7 +39,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, XGradCAM
+from pytorch_grad_cam import (
+    EigenCAM,
+    EigenGradCAM,
+    GradCAM,
+    GradCAMElementWise,
+    GradCAMPlusPlus,
+    HiResCAM,
+    LayerCAM,
+    XGradCAM,
+)
 from pytorch_grad_cam.activations_and_gradients import ActivationsAndGradients
 from pytorch_grad_cam.utils.image import scale_cam_image
 
@@ -48,7 +60,8 @@ from parity_tests.yolo_ref import package_model
 N_SELECT = 14
 RATIO = 0.02  # the article's default: int(4410 * 0.02) = 88 visits at most
 LOGIT_STD = (1.5, 1.65, 1.85)
-METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "xgradcam": XGradCAM}
+METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "xgradcam": XGradCAM, "layercam": LayerCAM,
+           "hirescam": HiResCAM, "gradcamelementwise": GradCAMElementWise, "eigengradcam": EigenGradCAM}
 
 
 def tame_detect_(pm: torch.nn.Module, x: torch.Tensor, seed: int = 3) -> None:
@@ -92,8 +105,24 @@ def setup():
     return pm, model, img, tensor, thr, levels(pred.shape[0], *img.shape[:2]), pred
 
 
+def _cam_image(method_cls, activations, gradients):
+    """The article's ``weights = get_cam_weights(...)``, ``sum(weights * activations)`` for the weight methods
+    (GradCAM / GradCAM++ / XGradCAM, exactly the script's lines); for the per-element methods (LayerCAM,
+    HiResCAM, GradCAMElementWise, EigenGradCAM: no channel weights) grad-cam's own ``get_cam_image`` of the
+    class, called without an instance (no hooks; these four read no attribute of ``self``)."""
+    if "get_cam_weights" in vars(method_cls):
+        b, k = gradients.shape[:2]
+        weights = method_cls.get_cam_weights(method_cls, None, None, None, activations, gradients)
+        return np.sum(weights.reshape((b, k, 1, 1)) * activations, axis=1)
+    return method_cls.get_cam_image(None, None, None, None, activations, gradients, False)
+
+
 def article_loop(pm, tensor, layer, method_cls, backward_type, conf_threshold, ratio):
-    """The article's yolov5_heatmap.__call__ (PNG drawing left out): {prediction row: (map or None, zero)}."""
+    """The article's yolov5_heatmap.__call__ (PNG drawing left out): {prediction row: (map or None, zero)}.
+
+    ``backward_type`` ``"conf"`` / ``"class"`` are the script's two lines; ``"conf*class"`` (their product)
+    and ``"box"`` (the sum of the row's four box numbers xywh, read from the prediction row the script's
+    ``logits_`` slice drops) are the same loop with that scalar's backward."""
     grads = ActivationsAndGradients(pm, [layer], reshape_transform=None)
     try:
         result = grads(tensor)
@@ -101,6 +130,7 @@ def article_loop(pm, tensor, layer, method_cls, backward_type, conf_threshold, r
         logits_ = result[0][..., 4:]
         _, indices = torch.sort(logits_[..., 0], descending=True)
         post_result = logits_[0][indices[0]]
+        post_boxes = result[0][..., :4][0][indices[0]]
         out = {}
         for i in range(int(post_result.size(0) * ratio)):
             if post_result[i][0] < conf_threshold:
@@ -109,16 +139,17 @@ def article_loop(pm, tensor, layer, method_cls, backward_type, conf_threshold, r
             n_before = len(grads.gradients)
             if backward_type == "conf":
                 post_result[i, 0].backward(retain_graph=True)
-            else:
+            elif backward_type == "class":
                 score = post_result[i, 1:].max()
                 score.backward(retain_graph=True)
+            elif backward_type == "conf*class":
+                (post_result[i, 0] * post_result[i, 1:].max()).backward(retain_graph=True)
+            else:
+                assert backward_type == "box", backward_type
+                post_boxes[i].sum().backward(retain_graph=True)
             assert len(grads.gradients) == n_before + 1  # prepended: gradients[0] is this backward's
             gradients = grads.gradients[0]
-            b, k, u, v = gradients.size()
-            weights = method_cls.get_cam_weights(method_cls, None, None, None, activations,
-                                                 gradients.detach().numpy())
-            weights = weights.reshape((b, k, 1, 1))
-            saliency_map = np.sum(weights * activations, axis=1)
+            saliency_map = _cam_image(method_cls, activations, gradients.detach().numpy())
             saliency_map = np.squeeze(np.maximum(saliency_map, 0))
             saliency_map = cv2.resize(saliency_map, (tensor.size(3), tensor.size(2)))
             zero = not bool(gradients.abs().sum() > 0)
@@ -133,12 +164,23 @@ def article_loop(pm, tensor, layer, method_cls, backward_type, conf_threshold, r
         grads.release()
 
 
-@pytest.mark.parametrize("backward_type", ["conf", "class"])
-@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "xgradcam"])
-def test_every_detection_cam_equals_the_articles_loop(setup, method, backward_type):
+#: the first Detect level (0: stride 8, 1: 16, 2: 32) whose head reads the tapped layer: detections of lower
+#: levels have no gradient there (17 -> P3 and, through 18-23, P4/P5; 20 -> P4 and, through 21-23, P5; 23 -> P5)
+FIRST_LEVEL = {"model.17": 0, "model.20": 1, "model.23": 2}
+
+
+def _check_against_loop(setup, method, backward_type, layer="model.23"):
+    """Every valid detection's CAM equals the article's loop on the same weights and image (module docstring)."""
     pm, model, img, tensor, thr, lev, _ = setup
-    ref = article_loop(pm, tensor, pm.model[-2], METHODS[method], backward_type, thr, RATIO)
-    res = fc.detection_cams(model, jnp.asarray(img)[None], ["model.23"], method=method,
+    li = int(layer.split(".")[1])
+    for i, m in enumerate(pm.model):  # the loop's backward must reach the tapped layer (setup: 23 and up)
+        m.requires_grad_(i >= li)
+    try:
+        ref = article_loop(pm, tensor, pm.model[li], METHODS[method], backward_type, thr, RATIO)
+    finally:
+        for i, m in enumerate(pm.model):
+            m.requires_grad_(i >= 23)
+    res = fc.detection_cams(model, jnp.asarray(img)[None], [layer], method=method,
                             backward_type=backward_type, conf_threshold=thr, ratio=RATIO, max_detections=20)
     valid = np.asarray(res.valid[0])
     rows = np.asarray(res.indices[0])[valid]
@@ -146,26 +188,56 @@ def test_every_detection_cam_equals_the_articles_loop(setup, method, backward_ty
     assert set(rows.tolist()) == set(ref)  # the same predictions selected (order: objectness, ties ~ 0)
     sel_lev = lev[rows]
     assert (sel_lev == 2).sum() >= 3 and (sel_lev < 2).sum() >= 3, sel_lev
-    worst = 0.0
+    worst, compared = 0.0, 0
     for slot in np.nonzero(valid)[0]:
         row = int(res.indices[0, slot])
         ref_map, ref_zero = ref[row]
-        assert bool(res.zero_grad[0, slot]) == ref_zero == (lev[row] != 2)  # layer 23: stride 32 only
+        assert bool(res.zero_grad[0, slot]) == ref_zero == (lev[row] < FIRST_LEVEL[layer])
         assert bool(res.constant[0, slot]) == (ref_map is None)  # the article's silent `continue`
         if ref_map is None:
             assert np.all(np.asarray(res.cams[0, slot]) == 0)
         else:
             worst = max(worst, float(np.abs(np.asarray(res.cams[0, slot]) - ref_map).max()))
+            compared += 1
+    assert compared >= 3, compared  # maps compared pixel by pixel, not only flags
     assert worst <= 1e-4, worst
     # the boxes / labels the article draws
     pred = np.asarray(res.predictions[0])
     np.testing.assert_array_equal(np.asarray(res.classes[0])[valid], pred[rows, 5:].argmax(-1))
     np.testing.assert_allclose(np.asarray(res.scores[0])[valid], pred[rows, 4], rtol=1e-6)
+    return worst
+
+
+@pytest.mark.parametrize("backward_type", ["conf", "class"])
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "xgradcam"])
+def test_every_detection_cam_equals_the_articles_loop(setup, method, backward_type):
+    _check_against_loop(setup, method, backward_type)
+
+
+@pytest.mark.parametrize("method,backward_type,layer", [
+    ("layercam", "conf", "model.23"),
+    ("hirescam", "class", "model.23"),
+    ("gradcamelementwise", "conf*class", "model.23"),
+    ("eigengradcam", "box", "model.23"),
+    ("gradcam", "box", "model.20"),
+    ("xgradcam", "conf*class", "model.20"),
+    ("hirescam", "conf", "model.20"),
+    ("eigengradcam", "class", "model.20"),
+])
+def test_element_methods_and_other_backward_types_equal_the_loop(setup, monkeypatch, method, backward_type, layer):
+    """LayerCAM / HiResCAM / GradCAMElementWise / EigenGradCAM (grad-cam's own ``get_cam_image``) and the
+    backward types ``"conf*class"`` / ``"box"``, at the article's layer 23 and at layer 20 (there the
+    stride-32 detections' gradients cross 21-23 and cover many cells; at 23 they sit in the detection's own
+    cell, the 1x1 Detect conv). EigenGradCAM: grad-cam's ``get_2d_projection`` patched to our sign rule."""
+    import pytorch_grad_cam.eigen_grad_cam as eigen_grad_mod
+
+    monkeypatch.setattr(eigen_grad_mod, "get_2d_projection", _signed_projection)
+    _check_against_loop(setup, method, backward_type, layer)
 
 
 @pytest.mark.slow
 def test_multilayer_targets_give_every_stride_a_gradient(setup):
-    pm, model, img, tensor, thr, lev, _ = setup
+    _, model, img, _, thr, lev, _ = setup
     res = fc.detection_cams(model, jnp.asarray(img)[None], ["model.17", "model.20", "model.23"],
                             method="xgradcam", conf_threshold=thr, ratio=RATIO, max_detections=20)
     valid = np.asarray(res.valid[0])
@@ -205,7 +277,7 @@ class _PredOnly(torch.nn.Module):
 def test_eigencam_equals_gradcams_eigencam_and_renormalisation(setup, monkeypatch):
     import pytorch_grad_cam.eigen_cam as eigen_mod
 
-    pm, model, img, tensor, thr, lev, _ = setup
+    pm, model, img, tensor, thr, _, _ = setup
     monkeypatch.setattr(eigen_mod, "get_2d_projection", _signed_projection)
     wrap = _PredOnly(pm).eval()
     cam = EigenCAM(wrap, [pm.model[-2]])
