@@ -240,3 +240,96 @@ def test_ablation_unsupported_options(net, x):
         fc.AblationCAM(net, ["mid"], reshape_transform=lambda a: a)
     with pytest.raises(ValueError, match="returns a vector"):
         ablation_cam(fc.make_tap(net, ["mid"]), x, fc.RawScoresOutputTarget())
+
+
+# ---------------------------------------------------------------------------------------------- FullGrad
+
+def test_fullgrad_bias_layers_and_functional_equals_class(net, x):
+    assert fc.bias_layers(net) == ["bn", "down", "mid", "up1", "up2"]
+    cam = fc.FullGrad(net, target_layers=[])
+    a = cam(x, [0, 2])
+    b = jax.jit(lambda x: fc.fullgrad(net, x, [0, 2]).cam)(x)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    assert a.shape == (2, 9, 11) and float(a.min()) == 0.0 and abs(float(a.max()) - 1.0) < 1e-5
+    n = cam.num_traces
+    cam(x * 0.5, [1, 1])
+    assert cam.num_traces == n  # new values and classes: no recompilation
+
+
+def test_fullgrad_bias_term_formula(net, x):
+    """The BatchNorm bias is ``beta - mean * gamma / sqrt(var + eps)``: the FullGrad map changes when only the
+    running mean changes (a plain input gradient would too, but the raw map must match the formula below)."""
+    tap = fc.make_tap(net, fc.bias_layers(net))
+    shapes = [s.shape for s in jax.eval_shape(lambda: tap.run(x))[1]]
+    zeros = [jnp.zeros(s) for s in shapes]
+    gx, gp = jax.grad(lambda xx, p: tap.run(xx, p)[0][:, 1].sum(), argnums=(0, 1))(x, zeros)
+    bn = net.bn
+    biases = [bn.bias[...] - bn.mean[...] * bn.scale[...] / jnp.sqrt(bn.var[...] + bn.epsilon),
+              net.down.bias[...], net.mid.bias[...], net.up1.bias[...], net.up2.bias[...]]
+
+    def scaled(m):
+        m = jnp.moveaxis(m, -1, 1)
+        m = m - m.min(axis=(2, 3), keepdims=True)
+        m = m / (1e-7 + m.max(axis=(2, 3), keepdims=True))
+        return jax.image.resize(m.sum(1), (2, 9, 11), "linear", antialias=False)
+
+    total = scaled(jnp.abs(gx * x)) + sum(scaled(jnp.abs(g * b)) for g, b in zip(gp, biases))
+    np.testing.assert_allclose(fc.fullgrad(net, x, [1, 1]).raw[0], total, rtol=1e-5, atol=1e-6)
+
+
+def test_fullgrad_errors(x):
+    class NoBias(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(3, 4, (3, 3), use_bias=False, rngs=rngs)
+            self.fc = nnx.Linear(4, 2, rngs=rngs)
+
+        def __call__(self, x):
+            return self.fc(self.conv(x).mean((1, 2)))
+
+    with pytest.raises(ValueError, match="has no convolution or BatchNorm with a bias"):
+        fc.FullGrad(NoBias(nnx.Rngs(0)), target_layers=[])
+    with pytest.raises(TypeError, match=r"FullGrad: expected a flax\.nnx\.Module"):
+        fc.FullGrad((lambda z: z, lambda a: a.sum((1, 2))), target_layers=[])
+    with pytest.warns(UserWarning, match="target_layers is ignored"):
+        fc.FullGrad(Net(rngs=nnx.Rngs(0)), target_layers=["mid"])
+
+
+# ---------------------------------------------------------------------------------------------- guided backprop
+
+def test_guided_backprop_equals_hand_written_guided_model(net, x):
+    """Every jax.nn.relu of the model replaced by guided_relu by hand gives the same gradients."""
+    def by_hand(x):
+        r = fc.guided_relu
+        h = r(net.bn(net.up2(r(net.up1(x)))))
+        return net.fc(jnp.tanh(net.down(r(net.mid(h)))).mean((1, 2)))
+
+    ref = jax.vmap(jax.grad(lambda xi, c: by_hand(xi[None])[0, c]), in_axes=(0, 0))(x, jnp.array([0, 2]))
+    ours = fc.GuidedBackpropReLUModel(net)(x, [0, 2])
+    np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-8)
+    plain = jax.vmap(jax.grad(lambda xi, c: net(xi[None])[0, c]))(x, jnp.array([0, 2]))
+    assert not np.allclose(ours, plain, atol=1e-4)
+
+
+def test_guided_backprop_inside_jit_and_plain_function(x):
+    w = jax.random.normal(jax.random.key(0), (3, 4))
+    f = lambda z: jax.jit(jax.nn.relu)(z @ w).mean((1, 2))  # noqa: E731  (a jit call is inlined)
+    g = fc.guided_backprop(f, x, 1)
+    g_ref = jax.grad(lambda z: fc.guided_relu(z @ w).mean((1, 2))[:, 1].sum())(x)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-6, atol=1e-8)
+
+
+def test_guided_backprop_limits_and_errors(net, x):
+    def scanned(z):
+        def body(c, _):
+            return jax.nn.relu(c) - 0.1, None
+        return jax.lax.scan(body, z, None, length=2)[0].mean((1, 2))
+
+    with pytest.raises(NotImplementedError, match="relu inside 'scan'"):
+        fc.guided_backprop(scanned, x, 0)
+    # hand-written maximum is not a ReLU here (documented): the gradient is the plain one
+    f = lambda z: jnp.maximum(z, 0).mean((1, 2))  # noqa: E731
+    np.testing.assert_allclose(fc.guided_backprop(f, x, 0), jax.grad(lambda z: f(z)[:, 0].sum())(x))
+    with pytest.raises(ValueError, match="target_category: expected None, an integer or 2 integers"):
+        fc.GuidedBackpropReLUModel(net)(x, [0, 1, 2])
+    with pytest.raises(ValueError, match="guided_gradcam: the CAM's shape"):
+        fc.guided_gradcam(jnp.ones((2, 9, 10)), jnp.ones((2, 9, 11, 3)))
