@@ -214,7 +214,11 @@ def _small_map_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_di
         and not isinstance(padding, str)
         and dimension_numbers == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
     )
-    if not plain or all(size >= k for size, k in zip(lhs.shape[1:3], eff_kernel)):
+    # strided 3x3 over a map of <= 8 (ResNet's first block of a stage on small inputs): the backward of XLA's
+    # strided conv is 18x slower there (256->512 over 4x4, fwd+bwd), 1.2x over 8x8 (benchmarks/RESULTS.md)
+    strided_small = any(s > 1 for s in (window_strides or ())) and all(k > 1 and size <= 8 for size, k in
+                                                               zip(lhs.shape[1:3], eff_kernel))
+    if not plain or (not strided_small and all(size >= k for size, k in zip(lhs.shape[1:3], eff_kernel))):
         return jax.lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
             dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
