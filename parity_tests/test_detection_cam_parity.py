@@ -29,8 +29,8 @@ GradCAMElementWise and EigenGradCAM (grad-cam's ``get_cam_image``, EigenGradCAM 
 the backward types ``"conf*class"`` / ``"box"`` are checked the same way, at layer 23 and at layer 20 (there the
 stride-16 AND stride-32 detections have gradients; only stride 8 is zero). Measured max abs: 1.2e-7 .. 1.8e-7 at
 layer 23 (per-element methods: the 1x1 Detect conv puts a detection's gradient in its own cell), 1.2e-5 ..
-4.6e-5 at layer 20 (three more layers of float32 backward; largest for GradCAM with ``"box"``, whose
-gradient is the largest); all under the 1e-4 bound, float32 on both sides. EigenCAM: grad-cam's ``EigenCAM`` class on the
+4.6e-5 at layer 20 (three more layers of float32 backward; the largest for GradCAM with ``"box"``); all
+under the 1e-4 bound, float32 on both sides. EigenCAM: grad-cam's ``EigenCAM`` class on the
 package model with grad-cam's ``get_2d_projection`` patched to our deterministic sign rule (the SVD sign is
 arbitrary; see ``parity_tests/test_cam_parity.py``), compared with ``postprocess="gradcam"``.
 """
