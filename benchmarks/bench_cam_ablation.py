@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from benchmarks._timing import format_table, machine_description  # noqa: E402
+from benchmarks._timing import format_table, machine_description
 
 
 def _timed(fn, repeats: int) -> tuple[float, float, object]:
