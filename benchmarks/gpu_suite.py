@@ -13,7 +13,7 @@ accelerator) or ``--size cpu-small`` (the default on a CPU backend: tiny shapes,
 in seconds and is tested in CI by ``tests/test_gpu_suite.py``). Every row is a jitted call timed after its
 compiling call (reported separately), median of ``--repeats``; ``--json PATH`` also writes the rows.
 
-    bash benchmarks/gpu.sh                    # on a GPU machine: the full suite, < 8 minutes on one H100/H200
+    bash benchmarks/gpu.sh                    # on a GPU machine: the full suite (sized for < 8 min; not yet run on one)
     python benchmarks/gpu_suite.py --size cpu-small --repeats 2
 """
 
