@@ -120,9 +120,9 @@ def main() -> None:
     print(f"machine: {machine_description()}")
     print(f"YOLOv5n, {NC} classes, {args.size}x{args.size}, batch {args.batch}, float32; train step = forward + "
           f"YOLOv5 loss + backward + SGD update; median of {args.repeats} steps, one block per candidate\n")
-    # one block per candidate, torch first: interleaving them (as bench_train.py does) slowed the torch step
-    # 36x here (9.6 s against 0.27 s alone, measured): XLA:CPU's worker threads keep the two cores busy for a
-    # while after each jitted call, and torch's 2 intra-op threads then wait for a core
+    # one block per candidate, torch first: interleaved with the jitted step (as bench_train.py times), the
+    # torch step measured 9.6 s against 0.27 s alone (at loads 3.3-4.1 and 2.6: the load's share and that of
+    # XLA's worker threads after each jitted call were not separated); the eager step is very load-sensitive
     t_step, t_params = torch_step(args.batch, args.size)
     med = {"torch": median_time(t_step, repeats=args.repeats, warmup=args.warmup)}
     f_step, f_params = flax_step(args.batch, args.size)
