@@ -8,7 +8,8 @@ from __future__ import annotations
 import os
 
 #: flags added to ``XLA_FLAGS`` unless the user's ``XLA_FLAGS`` already names them (measured in
-#: benchmarks/RESULTS.md, "Training step: XLA:CPU options"). Empty: nothing beat XLA's own defaults.
+#: benchmarks/RESULTS.md, issue #13 section, "3. XLA:CPU options side by side"). Empty: no candidate has
+#: yet shown a gain on a quiet machine (oneDNN and "no YNN dot" looked 1.24x faster under load, 3 samples).
 DEFAULT_FLAGS: dict[str, str] = {}
 
 
