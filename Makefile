@@ -9,7 +9,7 @@ YOLOV5_TEST := requirements/yolov5-test.txt
 # the YOLOv5 7.0 package (AGPL, test-only parity reference) and its helper, installed without their deps
 YOLOV5_NODEPS := yolov5==7.0.14 ultralytics==8.4.190
 
-.PHONY: demo demo-detect test lint install-train install-test bench clean
+.PHONY: demo demo-detect test test-fast lint install-train install-test bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,8 +40,13 @@ lint: install-test
 	$(PY) -m ruff check flax_attn train
 	$(PY) -m mypy
 
+# the whole suite, slow cases included (what CI runs); the 25 slowest are listed so that budget creep shows
 test: lint
-	$(PY) -m pytest -n 2 -q
+	$(PY) -m pytest -n 2 -q --durations=25
+
+# everything but the cases marked slow (the day-to-day run, kept under 15 minutes on 2 cores)
+test-fast: lint
+	$(PY) -m pytest -n 2 -q -m "not slow" --durations=25
 
 bench: install-test
 	$(PY) benchmarks/bench_blocks.py

@@ -38,3 +38,20 @@ def _seed_everything():
     if torch is not None:
         torch.manual_seed(0)
     yield
+
+
+_SLOW_CASES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "slow_cases.txt")
+
+
+def _measured_slow() -> set[str]:
+    """Node ids listed in slow_cases.txt (one per line, ``#`` comments)."""
+    with open(_SLOW_CASES) as f:
+        return {line.split("#", 1)[0].strip() for line in f} - {""}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Marks the measured-slow cases ``slow`` (see slow_cases.txt), as if decorated."""
+    slow = _measured_slow()
+    for item in items:
+        if item.nodeid in slow:
+            item.add_marker(pytest.mark.slow)
