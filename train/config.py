@@ -12,7 +12,7 @@ import json
 import math
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self, cast
 
 DATASETS = ("digits", "cluttered_digits", "folder")
 OPTIMIZERS = ("sgd", "adamw")
@@ -20,8 +20,33 @@ SCHEDULES = ("cosine", "step", "constant")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
+class ConfigIO:
+    """``replace`` / ``to_dict`` / ``from_dict`` / ``to_json`` of the frozen config dataclasses (:class:`Config`,
+    ``train.detect.DetectConfig``): tuples are stored as JSON lists and read back as tuples, unknown fields
+    are refused."""
+
+    def replace(self, **changes: Any) -> Self:
+        return dataclasses.replace(cast(Any, self), **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(cast(Any, self))}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Self:
+        names = {f.name for f in dataclasses.fields(cast(Any, cls))}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown config fields {unknown}: expected some of {sorted(names)}")
+        fields: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+        return cls(**fields)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
 @dataclass(frozen=True)
-class Config:
+class Config(ConfigIO):
     """Everything that defines a training run. Defaults: a tiny run on scikit-learn's digits (seconds on a CPU).
 
     Example:
@@ -127,24 +152,6 @@ class Config:
         if self.dataset == "folder" and not self.data_dir:
             raise ValueError("dataset='folder' needs data_dir (a folder with one sub-folder per class)")
 
-    def replace(self, **changes: Any) -> Config:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
-                for f in dataclasses.fields(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Config:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown config fields {unknown}: expected some of {sorted(names)}")
-        fields: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
-        return cls(**fields)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
 #: the fields a resumed run may change: they steer the loop (how long, how often to log, evaluate and

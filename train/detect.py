@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import logging
 import math
 import os
@@ -59,6 +58,7 @@ from flax_attn.models import YOLOv5, non_max_suppression, yolov5_num_params
 from flax_attn.models.yolo_loss import YOLOv5LossHyp, yolov5_loss
 from train import checkpoints as ckpt
 from train import data as data_lib
+from train.config import ConfigIO
 from train.detect_data import DetectionDataset, SceneSpec, load_digit_scenes, load_yolo_folder
 from train.train import (
     Meter,
@@ -66,7 +66,9 @@ from train.train import (
     NonFiniteLossError,
     ResumeError,
     _last_summary,
-    _truncate_metrics,
+    _read_stored_config,
+    _record_start,
+    check_resume,
     checkpoint_manager,
     make_mesh,
 )
@@ -80,7 +82,7 @@ CAM_LAYERS = ("model.17", "model.20", "model.23")
 
 
 @dataclass(frozen=True)
-class DetectConfig:
+class DetectConfig(ConfigIO):
     """Everything that defines a detection training run (plain data, JSON-serialisable, hashable).
 
     Example:
@@ -189,23 +191,6 @@ class DetectConfig:
             raise ValueError("dataset='yolo_folder' needs data_dir (a folder with images/ and labels/)")
         if self.attn == "none" and self.attn_positions not in ("", "c3"):
             raise ValueError(f"attn_positions={self.attn_positions!r} needs an attention block: pass --attn")
-
-    def replace(self, **changes: Any) -> DetectConfig:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DetectConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown config fields {unknown}: expected some of {sorted(names)}")
-        return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @property
     def positions(self) -> tuple[str | int, ...]:
@@ -571,34 +556,8 @@ def evaluate_map(fns: DetectFunctions, state: DetectState, ds: DetectionDataset,
 
 
 # --------------------------------------------------------------------------------------------------
-# resume bookkeeping
+# train logging
 # --------------------------------------------------------------------------------------------------
-
-def _read_stored(workdir: str) -> DetectConfig | None:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            return DetectConfig.from_dict(json.load(f))
-    except (OSError, ValueError, TypeError) as e:
-        raise ResumeError(f"{path} is not a detection config this version can read ({e}): start a fresh run in "
-                          f"another --workdir") from None
-
-
-def _check_resume(stored: DetectConfig | None, config: DetectConfig, workdir: str) -> dict[str, tuple[Any, Any]]:
-    if stored is None:
-        return {}
-    a, b = stored.to_dict(), config.to_dict()
-    changes = {k: (a[k], b[k]) for k in a if a[k] != b[k]}
-    refused = {k: v for k, v in changes.items() if k not in DETECT_RESUMABLE_FIELDS}
-    if refused:
-        listed = ", ".join(f"{k} {x!r} -> {y!r}" for k, (x, y) in sorted(refused.items()))
-        raise ResumeError(f"{workdir} holds a run with another config: {listed}. These fields change the model, "
-                          f"the data or the optimisation; start a fresh run in another --workdir (only "
-                          f"{', '.join(sorted(DETECT_RESUMABLE_FIELDS))} may change on resume)")
-    return changes
-
 
 def _log_train(pending: list[tuple[int, dict[str, jax.Array]]], step_done: int, *, meter: Meter,
                writer: MetricsWriter, bar: Any, saver: ckpt.RunCheckpoints) -> None:
@@ -642,8 +601,8 @@ def train_detector(config: DetectConfig, workdir: str, *, strict_checkpoints: bo
     if len(train_ds) < config.batch_size:
         raise data_lib.DataError(f"batch_size {config.batch_size} is larger than the training set "
                                  f"({len(train_ds)} images)")
-    stored = _read_stored(workdir)
-    changes = _check_resume(stored, config, workdir)
+    stored = _read_stored_config(workdir, DetectConfig, "detection config")
+    changes = check_resume(stored, config, workdir, DETECT_RESUMABLE_FIELDS)
     ckpt_root = os.path.abspath(os.path.join(workdir, "checkpoints"))
 
     nb = len(train_ds) // config.batch_size
@@ -678,17 +637,8 @@ def train_detector(config: DetectConfig, workdir: str, *, strict_checkpoints: bo
         mngr = checkpoint_manager(workdir, config.keep_checkpoints)
     writer = MetricsWriter(workdir)
     if jax.process_index() == 0:
-        dropped = _truncate_metrics(writer.path, start)
-        if dropped:
-            log.info("dropped %d metrics record(s) logged after step %d (the step resumed from)", dropped, start)
-        if changes:
-            log.warning("resuming %s at step %d with changed loop settings: %s", workdir, start,
-                        ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in sorted(changes.items())))
-        ckpt.atomic_write(os.path.join(workdir, "config.json"), config.to_json())
-        with open(os.path.join(workdir, "config_history.jsonl"), "a") as f:
-            f.write(json.dumps({"start_step": start, "resumed": restored is not None,
-                                "changed": {k: list(v) for k, v in sorted(changes.items())},
-                                "passed_over_checkpoints": [s for s, _ in bad]}, sort_keys=True) + "\n")
+        _record_start(workdir, config, start=start, resumed=restored is not None, changes=changes,
+                      passed_over=[s for s, _ in bad], metrics_path=writer.path)
     if train_ds.skipped:
         log.warning("skipped %d unreadable image(s):\n  %s", len(train_ds.skipped), "\n  ".join(train_ds.skipped))
 

@@ -366,31 +366,35 @@ class ResumeError(ValueError):
     """The workdir holds a run that this config cannot resume (nothing in the workdir was changed)."""
 
 
-def _read_stored_config(workdir: str) -> Config | None:
+def _read_stored_config(workdir: str, config_cls: Any = Config, what: str = "config") -> Any:
+    """The ``config_cls`` stored in ``workdir/config.json`` (``None`` for a fresh workdir); shared by the
+    classification and the detection runs (``what`` names the kind in the error)."""
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
         return None
     try:
         with open(path) as f:
-            return Config.from_dict(json.load(f))
+            return config_cls.from_dict(json.load(f))
     except (OSError, ValueError, TypeError) as e:
-        raise ResumeError(f"{path} is not a config this version can read ({e}): start a fresh run in another "
+        raise ResumeError(f"{path} is not a {what} this version can read ({e}): start a fresh run in another "
                           f"--workdir") from None
 
 
-def check_resume(stored: Config | None, config: Config, workdir: str) -> dict[str, tuple[Any, Any]]:
+def check_resume(stored: Any, config: Any, workdir: str,
+                 resumable: frozenset[str] = RESUMABLE_FIELDS) -> dict[str, tuple[Any, Any]]:
     """The changes of ``config`` against the run stored in ``workdir``; raises :class:`ResumeError` naming every
-    field that would change the model, the data or the optimisation (only ``RESUMABLE_FIELDS`` may change)."""
+    field that would change the model, the data or the optimisation (only ``resumable`` fields may change).
+    Any config with ``to_dict`` (:class:`Config`, the detection runs' ``DetectConfig``)."""
     if stored is None:
         return {}
     changes = config_changes(stored, config)
-    refused = {k: v for k, v in changes.items() if k not in RESUMABLE_FIELDS}
+    refused = {k: v for k, v in changes.items() if k not in resumable}
     if refused:
         listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in sorted(refused.items()))
         raise ResumeError(
             f"{workdir} holds a run with another config: {listed}. These fields change the model, the data or "
             f"the optimisation, so its checkpoints cannot continue this config; start a fresh run in another "
-            f"--workdir (only {', '.join(sorted(RESUMABLE_FIELDS))} may change on resume)")
+            f"--workdir (only {', '.join(sorted(resumable))} may change on resume)")
     return changes
 
 
@@ -440,7 +444,7 @@ def _log_train(pending: list[tuple[int, dict[str, jax.Array]]], step_done: int, 
         bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", img_s=f"{ips:.0f}")
 
 
-def _record_start(workdir: str, config: Config, *, start: int, resumed: bool,
+def _record_start(workdir: str, config: Any, *, start: int, resumed: bool,
                   changes: dict[str, tuple[Any, Any]], passed_over: list[int], metrics_path: str) -> None:
     """The writes of a (re)start, each atomic: metrics beyond ``start`` dropped, ``config.json`` and one
     ``config_history.jsonl`` record (the step, the changed fields, the checkpoints passed over)."""
