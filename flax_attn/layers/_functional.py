@@ -8,6 +8,7 @@ written once, here, so the two APIs cannot drift apart.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -212,19 +213,19 @@ def _normalize_names(values: Sequence[Any], aliases: dict[str, str], empty: str,
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def _max_last(x: Array, n_reduced: int) -> Array:
-    """Max over the last ``n_reduced`` axes; its derivative is routed to one arg-max element."""
-    return jnp.max(x, axis=tuple(range(x.ndim - n_reduced, x.ndim)))
+def _max_axis(x: Array, axis: int) -> Array:
+    """Max over one axis; its derivative is routed to one arg-max element (see :func:`_max_reduce`)."""
+    return jnp.max(x, axis=axis)
 
 
-@_max_last.defjvp
-def _max_last_jvp(n_reduced: int, primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, Array]:
+@_max_axis.defjvp
+def _max_axis_jvp(axis: int, primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, Array]:
     (x,), (t,) = primals, tangents
-    lead = x.shape[: x.ndim - n_reduced]
-    flat = lead + (math.prod(x.shape[x.ndim - n_reduced:]),)  # not -1: an empty batch has no inferable size
-    idx = jnp.argmax(x.reshape(flat), axis=-1, keepdims=True)
-    out = jnp.take_along_axis(x.reshape(flat), idx, axis=-1)[..., 0]
-    return out, jnp.take_along_axis(t.reshape(flat), idx, axis=-1)[..., 0]
+    idx = jnp.argmax(x, axis=axis, keepdims=True)
+    # a one-hot select, not a gather: its transpose (the backward pass) is an elementwise select that XLA fuses
+    # into the consumer, where a gather's transpose is a scatter-add (serial on XLA:CPU)
+    hit = jax.lax.broadcasted_iota(idx.dtype, x.shape, axis) == idx
+    return jnp.max(x, axis=axis), jnp.sum(jnp.where(hit, t, jnp.zeros((), t.dtype)), axis=axis)
 
 
 def _max_reduce(x: Array, axis: int | tuple[int, ...], scale: Array | None = None, keepdims: bool = False) -> Array:
@@ -235,20 +236,83 @@ def _max_reduce(x: Array, axis: int | tuple[int, ...], scale: Array | None = Non
     recompute the operand (say the BatchNorm output feeding the block) in another fusion with different
     rounding, so the mask misses the maximum and the gradient silently becomes zero (seen in a jitted
     CBAM-ResNet-18 training step: 10-20 % gradient error; optimisation barriers do not help, XLA:CPU expands
-    them before fusion). The arg-max is computed once and its element is gathered, so value and gradient
-    cannot disagree. Without differentiation the forward pass is a plain fast ``jnp.max``; the arg-max is
-    paid only under ``jax.grad``/``jax.jvp``. Ties (measure zero for real inputs) go to the first index, as
-    in PyTorch's ``max(dim)``; ``torch.amax`` would split them.
+    them before fusion). Here the arg-max is an integer computed once and the derivative is the one-hot
+    ``iota == argmax``, so exactly one element receives each output's gradient whatever rounding the operand
+    gets. Without differentiation the forward pass is a plain fast ``jnp.max``; the arg-max is paid only under
+    ``jax.grad``/``jax.jvp``. Ties (measure zero for real inputs) go to the first index, as in PyTorch's
+    ``max(dim)``; ``torch.amax`` would split them.
+
+    Contiguous axes (the spatial axes of a channels-last map, or the channel axis) are merged by a reshape, not
+    moved by a transpose, so no copy of the map is made.
     """
     if scale is not None:
         x = x * scale
-    axes = tuple(a % x.ndim for a in ((axis,) if isinstance(axis, int) else axis))
-    rest = tuple(d for d in range(x.ndim) if d not in axes)
-    moved = jnp.transpose(x, rest + axes) if rest + axes != tuple(range(x.ndim)) else x
-    out = _max_last(moved, len(axes))
+    axes = sorted({a % x.ndim for a in ((axis,) if isinstance(axis, int) else axis)})
+    if axes != list(range(axes[0], axes[-1] + 1)):  # not contiguous: move them together first
+        rest = [d for d in range(x.ndim) if d not in axes]
+        x = jnp.transpose(x, rest + axes)
+        axes = list(range(len(rest), x.ndim))
+    a0 = axes[0]
+    merged = x.reshape(x.shape[:a0] + (math.prod(x.shape[a0:axes[-1] + 1]),) + x.shape[axes[-1] + 1:])
+    out = _max_axis(merged, a0)
     if keepdims:
-        out = jnp.expand_dims(out, axes)
+        out = jnp.expand_dims(out, tuple(axes))
     return out
+
+
+def _window_views(xp: Array, window: Sequence[int], strides: Sequence[int], out_spatial: Sequence[int]
+                  ) -> list[Array]:
+    """The strided views ``xp[:, i::s, j::s, ...]`` (one per window offset, row-major) of a padded
+    channels-last map, each of the output's spatial shape."""
+    nd = len(window)
+    views = []
+    for offs in itertools.product(*(range(k) for k in window)):
+        start = (0,) + tuple(offs) + (0,)
+        limit = (xp.shape[0],) + tuple(o + (n - 1) * s + 1 for o, n, s in zip(offs, out_spatial, strides)) + (
+            xp.shape[-1],)
+        views.append(jax.lax.slice(xp, start, limit, (1,) + tuple(strides) + (1,)))
+    assert len(views) == math.prod(window) and all(v.ndim == nd + 2 for v in views)
+    return views
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
+def max_pool(x: Array, window: tuple[int, ...], strides: tuple[int, ...], padding: tuple[tuple[int, int], ...]
+             ) -> Array:
+    """``torch.nn.functional.max_pool{1,2,3}d`` (floor mode, ``-inf`` padding) on a channels-last map, with
+    PyTorch's derivative: each output's gradient goes to the first arg-max of its window (row-major scan).
+
+    ``window``/``strides`` per spatial axis, ``padding`` a ``(lo, hi)`` pair per spatial axis. The forward pass
+    is XLA's ``reduce_window``; the derivative compares the ``prod(window)`` strided views of the input in one
+    pass (an integer arg-max per output, so exactly one element is hit whatever rounding the operand gets) and
+    its backward is a sum of strided pads, where XLA's own max-pool derivative is a ``select_and_scatter``
+    (a variadic reduce-window forward and a scatter backward, several times slower on XLA:CPU).
+
+    >>> import jax.numpy as jnp
+    >>> max_pool(jnp.arange(16.0).reshape(1, 4, 4, 1), (2, 2), (2, 2), ((0, 0), (0, 0)))[0, :, :, 0]
+    Array([[ 5.,  7.],
+           [13., 15.]], dtype=float32)
+    """
+    pads = ((0, 0),) + tuple(padding) + ((0, 0),)
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1,) + tuple(window) + (1,), (1,) + tuple(strides) + (1,),
+                                 pads)
+
+
+@max_pool.defjvp
+def _max_pool_jvp(window: tuple[int, ...], strides: tuple[int, ...], padding: tuple[tuple[int, int], ...],
+                  primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, Array]:
+    (x,), (t,) = primals, tangents
+    pads = ((0, 0),) + tuple(padding) + ((0, 0),)
+    out_spatial = [(n + lo + hi - k) // s + 1 for n, (lo, hi), k, s in zip(x.shape[1:-1], padding, window, strides)]
+    xs = _window_views(jnp.pad(x, pads, constant_values=-jnp.inf), window, strides, out_spatial)
+    best, arg = xs[0], jnp.zeros(xs[0].shape, jnp.int32)
+    for j, v in enumerate(xs[1:], 1):
+        # strictly greater: the first maximum of the scan keeps the gradient (PyTorch's rule); NaN wins like torch
+        upd = (v > best) | jnp.isnan(v)
+        best, arg = jnp.where(upd, v, best), jnp.where(upd, j, arg)
+    ts = _window_views(jnp.pad(t, pads), window, strides, out_spatial)
+    zero = jnp.zeros((), t.dtype)
+    t_out = sum((jnp.where(arg == j, v, zero) for j, v in enumerate(ts[1:], 1)), jnp.where(arg == 0, ts[0], zero))
+    return best, t_out
 
 
 def global_pool(x: Array, kind: str, scale: Array | None = None) -> Array:

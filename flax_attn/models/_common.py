@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from flax_attn.layers import create_attn
-from flax_attn.layers._functional import Dtype, resolve_activation
+from flax_attn.layers._functional import Dtype, max_pool, resolve_activation
 from flax_attn.layers.norm import BatchNorm
 from flax_attn.layers.registry import AttnFactory, AttnSpec
 from flax_attn.layers.specs import BlockSpec, CBAMSpec, ChannelSpec, SpatialSpec
@@ -124,9 +124,8 @@ class MaxPool2d(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         k, s, p = self.kernel_size, self.stride, self.padding
-        # a Python -inf init lets JAX recognise max-pooling (differentiable); pads are -inf like torch
-        return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, k, k, 1), (1, s, s, 1),
-                                     ((0, 0), (p, p), (p, p), (0, 0)))
+        # pads are -inf like torch; the derivative is torch's first-arg-max rule without XLA's select_and_scatter
+        return max_pool(x, (k, k), (s, s), ((p, p), (p, p)))
 
 
 def _adaptive_matrix(size_in: int, size_out: int) -> np.ndarray:
