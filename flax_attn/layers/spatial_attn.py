@@ -73,7 +73,7 @@ class SpatialAttention(SpecBlock, nnx.Module):
         self.compress = (nnx.Conv(channels, sp.compress_channels, (1,) * nd, padding="VALID", dtype=dtype,
                                   param_dtype=param_dtype, rngs=rngs) if sp.compress == "conv" else None)
         self.conv = nnx.Conv(sp.conv_in, 1, (sp.kernel_size,) * nd, padding=sp.padding, use_bias=sp.use_conv_bias,
-                             dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                             dtype=dtype, param_dtype=param_dtype, conv_general_dilated=F.gate_conv, rngs=rngs)
         self.bn = (BatchNorm(1, momentum=sp.bn_momentum, epsilon=sp.bn_eps, dtype=dtype, param_dtype=param_dtype,
                              rngs=rngs) if sp.use_bn else None)
 

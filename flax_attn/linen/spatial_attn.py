@@ -59,7 +59,7 @@ class SpatialAttention(SpecModule):
         else:
             z = F.channel_compress(x, sp.compress, sp.compress_fusion, scale)
         z = nn.Conv(1, (sp.kernel_size,) * sp.spatial_dims, padding=sp.padding, use_bias=sp.use_conv_bias,
-                    name="conv", **kw)(z)
+                    conv_general_dilated=F.gate_conv, name="conv", **kw)(z)
         if sp.use_bn:
             z = BatchNorm(1, momentum=sp.bn_momentum, epsilon=sp.bn_eps, name="bn",
                           **kw)(z, use_running_average=self._use_ra(train))
