@@ -18,8 +18,9 @@ candidates are still interleaved. ``--main-job`` times the main job's configurat
 width 8, CIFAR stem, 48x48, batch 32) with and without CBAM, and the same network in PyTorch (built here
 from ``torch_ref``'s block and the official CBAM, since ``torch_ref.resnet`` is torchvision-width only).
 
-Everything runs with the training application's XLA:CPU defaults (``train/xla_flags.py``) unless the
-environment sets ``XLA_FLAGS`` or ``FLAX_ATTN_NO_XLA_DEFAULTS=1``.
+Everything runs with the training application's process defaults (``train/xla_flags.py``: XLA:CPU flags unless
+the environment sets ``XLA_FLAGS`` or ``FLAX_ATTN_NO_XLA_DEFAULTS=1``; the glibc allocator settings unless
+``FLAX_ATTN_NO_MALLOC_TUNING=1``), for Flax and PyTorch alike (one process).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -35,25 +37,34 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import train.xla_flags  # noqa: F401,I001  (process defaults: XLA flags, allocator; before JAX starts threads)
+
 import jax
 import numpy as np
 from _timing import interleaved_medians, machine_description
 
-import train.xla_flags  # noqa: F401  (XLA:CPU defaults; read when the backend starts, after any import)
-
-#: XLA:CPU candidates of ``--xla-variants``: name -> (XLA_FLAGS, compute dtype, jax_default_matmul_precision).
-#: "xla default" is XLA without the training application's defaults.
-XLA_VARIANTS: dict[str, tuple[str, str, str]] = {
-    "xla default": ("", "float32", ""),
-    "onednn": ("--xla_cpu_use_onednn=true", "float32", ""),
-    "onednn without ynn dot": ("--xla_cpu_use_onednn=true --xla_cpu_experimental_ynn_fusion_type=-dot", "float32", ""),
-    "no ynn dot": ("--xla_cpu_experimental_ynn_fusion_type=-dot", "float32", ""),
-    "ynn +eltwise+reduce": ("--xla_cpu_experimental_ynn_fusion_type=+eltwise,+reduce", "float32", ""),
-    "xnn dot+eltwise+reduce": ("--xla_cpu_experimental_xnn_fusion_type=dot,eltwise,reduce", "float32", ""),
-    "xnn graph greedy": ("--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY", "float32", ""),
-    "no xnnpack": ("--xla_cpu_use_xnnpack=false", "float32", ""),
-    "matmul precision bf16": ("", "float32", "bfloat16"),
-    "bf16 compute": ("", "bfloat16", ""),
+#: candidates of ``--xla-variants``: name -> (XLA_FLAGS, compute dtype, jax_default_matmul_precision, extra
+#: environment). Every candidate runs without the training application's defaults (``FLAX_ATTN_NO_XLA_DEFAULTS``,
+#: ``FLAX_ATTN_NO_MALLOC_TUNING``) unless its environment turns one back on; "xla default" is plain XLA with
+#: glibc's default allocator settings, "malloc tuned" the allocator settings of ``train/xla_flags.py``.
+_PLAIN = {"FLAX_ATTN_NO_XLA_DEFAULTS": "1", "FLAX_ATTN_NO_MALLOC_TUNING": "1"}
+_TUNED = {"FLAX_ATTN_NO_XLA_DEFAULTS": "1", "FLAX_ATTN_NO_MALLOC_TUNING": "0"}
+XLA_VARIANTS: dict[str, tuple[str, str, str, dict[str, str]]] = {
+    "xla default": ("", "float32", "", _PLAIN),
+    "malloc tuned": ("", "float32", "", _TUNED),
+    "xla default (2nd process)": ("", "float32", "", _PLAIN),
+    "malloc tuned (2nd process)": ("", "float32", "", _TUNED),
+    "onednn": ("--xla_cpu_use_onednn=true", "float32", "", _PLAIN),
+    "onednn without ynn dot": ("--xla_cpu_use_onednn=true --xla_cpu_experimental_ynn_fusion_type=-dot", "float32", "",
+                               _PLAIN),
+    "no ynn dot": ("--xla_cpu_experimental_ynn_fusion_type=-dot", "float32", "", _PLAIN),
+    "ynn +eltwise+reduce": ("--xla_cpu_experimental_ynn_fusion_type=+eltwise,+reduce", "float32", "", _PLAIN),
+    "xnn dot+eltwise+reduce": ("--xla_cpu_experimental_xnn_fusion_type=dot,eltwise,reduce", "float32", "", _PLAIN),
+    "xnn graph greedy": ("--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY", "float32", "",
+                         _PLAIN),
+    "no xnnpack": ("--xla_cpu_use_xnnpack=false", "float32", "", _PLAIN),
+    "matmul precision bf16": ("", "float32", "bfloat16", _PLAIN),
+    "bf16 compute": ("", "bfloat16", "", _PLAIN),
 }
 
 
@@ -156,18 +167,20 @@ def _worker(args: argparse.Namespace) -> None:
     for line in sys.stdin:
         if line.strip() != "step":
             break
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t = time.perf_counter()
         step()
-        print(json.dumps({"t": time.perf_counter() - t}), flush=True)
+        t = time.perf_counter() - t
+        print(json.dumps({"t": t, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0}), flush=True)
 
 
-def run_variants(variants: dict[str, tuple[str, str, str]], *, batch: int, size: int, repeats: int,
-                 warmup: int) -> dict[str, float]:
+def run_variants(variants: dict[str, tuple[str, str, str, dict[str, str]]], *, batch: int, size: int, repeats: int,
+                 warmup: int) -> dict[str, tuple[float, float]]:
     """Median step time of each candidate, measured round-robin across worker processes (started one at a
     time, so that their compilations do not overlap the timing)."""
     procs = {}
-    for name, (flags, dtype, precision) in variants.items():
-        env = dict(os.environ, XLA_FLAGS=flags, FLAX_ATTN_NO_XLA_DEFAULTS="1")
+    for name, (flags, dtype, precision, extra_env) in variants.items():
+        env = dict(os.environ, XLA_FLAGS=flags, **extra_env)
         if precision:
             env["JAX_DEFAULT_MATMUL_PRECISION"] = precision
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--batch", str(batch), "--sizes", str(size),
@@ -178,21 +191,23 @@ def run_variants(variants: dict[str, tuple[str, str, str]], *, batch: int, size:
             raise RuntimeError(f"variant {name!r} ({flags!r}) did not start (exit code {p.wait()})")
         procs[name] = p
     times: dict[str, list[float]] = {k: [] for k in procs}
+    faults: dict[str, list[float]] = {k: [] for k in procs}
     try:
         for r in range(warmup + repeats):
             for name, p in procs.items():
                 assert p.stdin is not None and p.stdout is not None
                 p.stdin.write("step\n")
                 p.stdin.flush()
-                t = json.loads(p.stdout.readline())["t"]
+                rec = json.loads(p.stdout.readline())
                 if r >= warmup:
-                    times[name].append(t)
+                    times[name].append(rec["t"])
+                    faults[name].append(rec["faults"])
     finally:
         for p in procs.values():
             if p.stdin:
                 p.stdin.close()
             p.wait()
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: (statistics.median(v), statistics.median(faults[k])) for k, v in times.items()}
 
 
 def _load() -> str:
@@ -230,19 +245,21 @@ def main() -> None:
         from train.xla_flags import DEFAULT_FLAGS
 
         if DEFAULT_FLAGS:
-            chosen["train/ defaults"] = (" ".join(f"{k}={v}" for k, v in DEFAULT_FLAGS.items()), "float32", "")
+            chosen["train/ defaults"] = (" ".join(f"{k}={v}" for k, v in DEFAULT_FLAGS.items()), "float32", "", {})
         for size in (int(v) for v in args.sizes.split(",")):
             med = run_variants(chosen, batch=args.batch, size=size, repeats=args.repeats, warmup=args.warmup)
-            base = med[names[0]]
+            base = med[names[0]][0]
             print(f"\nResNet-18 + CBAM (official), batch {args.batch}, {size}x{size}, Flax train step; median of "
                   f"{args.repeats} interleaved steps; {_load()} at the end\n")
-            print("| variant | XLA_FLAGS / setting | step ms | vs first |")
-            print("|---|---|---:|---:|")
-            for name, t in med.items():
-                flags, dtype, prec = chosen[name]
+            print("| variant | XLA_FLAGS / setting | step ms | vs first | minor page faults per step |")
+            print("|---|---|---:|---:|---:|")
+            for name, (t, nf) in med.items():
+                flags, dtype, prec, extra = chosen[name]
+                tuned = extra.get("FLAX_ATTN_NO_MALLOC_TUNING", "0") == "0"
                 setting = " ".join(s for s in (flags, f"compute {dtype}" if dtype != "float32" else "",
-                                               f"matmul precision {prec}" if prec else "") if s) or "-"
-                print(f"| {name} | `{setting}` | {1e3 * t:.0f} | {base / t:.2f}x |", flush=True)
+                                               f"matmul precision {prec}" if prec else "",
+                                               "malloc tuned" if tuned else "") if s) or "-"
+                print(f"| {name} | `{setting}` | {1e3 * t:.0f} | {base / t:.2f}x | {nf:,.0f} |", flush=True)
         return
     if args.main_job:
         from train.main_job import MAIN_JOB_CONFIG as M

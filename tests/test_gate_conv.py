@@ -77,4 +77,5 @@ def test_empty_batch_and_bfloat16():
     out = _gate(x, k.astype(jnp.bfloat16), ((3, 3), (3, 3)))
     ref = _lax(x.astype(jnp.float32), k, ((3, 3), (3, 3)))
     assert out.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), rtol=3e-2, atol=3e-2 * float(jnp.abs(ref).max()))
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), rtol=3e-2,
+                               atol=3e-2 * float(jnp.abs(ref).max()))
