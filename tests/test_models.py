@@ -263,10 +263,12 @@ def test_dropout_follows_train_eval():
 
 @pytest.mark.parametrize("h,w,k,stride,dil,pad", [(2, 2, 3, 1, 1, 1), (1, 3, 3, 1, 1, 1), (2, 5, 5, 2, 1, 2),
                                                   (3, 2, 3, 2, 2, 2), (1, 1, 7, 1, 1, 3), (9, 9, 3, 1, 1, 1),
-                                                  (4, 4, 3, 2, 1, 1), (8, 7, 3, 2, 1, 1)])
+                                                  (4, 4, 3, 2, 1, 1), (8, 7, 3, 2, 1, 1), (16, 16, 3, 2, 1, 1),
+                                                  (15, 13, 1, 2, 1, 0), (4, 4, 1, 2, 1, 0), (23, 9, 3, 2, 1, 1)])
 def test_small_map_conv_equals_lax_conv(h, w, k, stride, dil, pad):
-    """The im2col path taken for maps smaller than the kernel (an XLA:CPU performance cliff) computes the
-    same convolution as lax, values and gradients; larger maps go to lax unchanged."""
+    """The im2col path taken for maps smaller than the kernel (an XLA:CPU performance cliff) and for strided
+    convolutions (3x3 and 1x1) over maps up to 24 computes the same convolution as lax, values and gradients;
+    larger maps go to lax unchanged."""
     from jax import lax
 
     from flax_attn.models._common import _small_map_conv

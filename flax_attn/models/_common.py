@@ -192,6 +192,10 @@ class StochasticDepth(nnx.Module):
 
 
 # ----------------------------------------------------------------------------------------------- conv layers
+#: strided convolutions over maps up to this size take the im2col path of :func:`_small_map_conv`
+STRIDED_IM2COL_MAX_MAP = 24
+
+
 def _small_map_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                     dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
                     preferred_element_type=None, **kwargs):
@@ -200,7 +204,8 @@ def _small_map_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_di
 
     XLA:CPU (jaxlib 0.10.2) falls off a cliff there: a 3x3, 512->512 convolution with padding 1 over a 2x2
     map (ResNet's ``layer4`` at 64x64 input) takes ~600 ms for a batch of 32, against 5 ms as the identical
-    im2col product (same sums, relative difference ~5e-7) and 12 ms over a 3x3 map. Every other case, and
+    im2col product (same sums, relative difference ~5e-7) and 12 ms over a 3x3 map. Strided convolutions over
+    maps up to :data:`STRIDED_IM2COL_MAX_MAP` take the same path (their XLA:CPU backward is slow). Every other case, and
     anything this path does not cover (groups, input dilation, string padding, NHWC/HWIO not in use), goes
     to ``lax.conv_general_dilated`` unchanged.
     """
@@ -213,10 +218,11 @@ def _small_map_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_di
         and not isinstance(padding, str)
         and dimension_numbers == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
     )
-    # strided 3x3 over a map of <= 8 (ResNet's first block of a stage on small inputs): the backward of XLA's
-    # strided conv is 18x slower there (256->512 over 4x4, fwd+bwd), 1.2x over 8x8 (benchmarks/RESULTS.md)
-    strided_small = any(s > 1 for s in (window_strides or ())) and all(k > 1 and size <= 8 for size, k in
-                                                               zip(lhs.shape[1:3], eff_kernel))
+    # strided convs (ResNet's first block of a stage and its 1x1 downsample) over maps of <= 24: XLA's strided conv
+    # and its backward are slower there (fwd + both gradients): 3x3 256->512 over 4x4 18x, 3x3 over 6..24 1.1-1.5x,
+    # the 1x1 downsamples 1.4-2.3x (benchmarks/bench_conv.py at 64x64 and 96x96, benchmarks/RESULTS.md)
+    strided_small = (any(s > 1 for s in (window_strides or ()))
+                     and all(size <= STRIDED_IM2COL_MAX_MAP for size in lhs.shape[1:3]))
     if not plain or (not strided_small and all(size >= k for size, k in zip(lhs.shape[1:3], eff_kernel))):
         return jax.lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
