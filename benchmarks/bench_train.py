@@ -54,6 +54,7 @@ XLA_VARIANTS: dict[str, tuple[str, str, str, dict[str, str]]] = {
     "malloc tuned": ("", "float32", "", _TUNED),
     "xla default (2nd process)": ("", "float32", "", _PLAIN),
     "malloc tuned (2nd process)": ("", "float32", "", _TUNED),
+    "malloc tuned, 1 arena": ("", "float32", "", {**_TUNED, "MALLOC_ARENA_MAX": "1"}),
     "onednn": ("--xla_cpu_use_onednn=true", "float32", "", _PLAIN),
     "onednn without ynn dot": ("--xla_cpu_use_onednn=true --xla_cpu_experimental_ynn_fusion_type=-dot", "float32", "",
                                _PLAIN),
@@ -256,9 +257,10 @@ def main() -> None:
             for name, (t, nf) in med.items():
                 flags, dtype, prec, extra = chosen[name]
                 tuned = extra.get("FLAX_ATTN_NO_MALLOC_TUNING", "0") == "0"
+                arenas = f" (MALLOC_ARENA_MAX={extra['MALLOC_ARENA_MAX']})" if "MALLOC_ARENA_MAX" in extra else ""
                 setting = " ".join(s for s in (flags, f"compute {dtype}" if dtype != "float32" else "",
                                                f"matmul precision {prec}" if prec else "",
-                                               "malloc tuned" if tuned else "") if s) or "-"
+                                               f"malloc tuned{arenas}" if tuned else "") if s) or "-"
                 print(f"| {name} | `{setting}` | {1e3 * t:.0f} | {base / t:.2f}x | {nf:,.0f} |", flush=True)
         return
     if args.main_job:

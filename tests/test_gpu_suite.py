@@ -84,7 +84,7 @@ def test_xla_flag_defaults_never_override_the_user(monkeypatch):
 
 
 def test_malloc_tuning_respects_the_user_and_the_platform(monkeypatch):
-    """train/xla_flags.tune_malloc applies its glibc settings (one arena, no mmap, no trimming) unless the
+    """train/xla_flags.tune_malloc applies its glibc settings (two arenas, no mmap, no trimming) unless the
     user opted out or set glibc's own MALLOC_* variable for that setting; on other C libraries it does nothing."""
     import ctypes
     import sys
@@ -104,10 +104,10 @@ def test_malloc_tuning_respects_the_user_and_the_platform(monkeypatch):
     monkeypatch.setattr(sys, "platform", "linux")
     monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc)
     assert xf.tune_malloc({}) == ["M_ARENA_MAX", "M_MMAP_MAX", "M_TRIM_THRESHOLD"]
-    assert calls == [(-8, 1), (-4, 0), (-1, -1)]
+    assert calls == [(-8, 2), (-4, 0), (-1, -1)]
     calls.clear()
     assert xf.tune_malloc({"MALLOC_ARENA_MAX": "4"}) == ["M_MMAP_MAX", "M_TRIM_THRESHOLD"]
-    assert (-8, 1) not in calls
+    assert (-8, 2) not in calls
     calls.clear()
     assert xf.tune_malloc({"FLAX_ATTN_NO_MALLOC_TUNING": "1"}) == [] and calls == []
     monkeypatch.setattr(sys, "platform", "darwin")

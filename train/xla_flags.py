@@ -34,7 +34,9 @@ def apply_defaults(environ: dict[str, str] | None = None) -> str:
 #: glibc ``mallopt`` settings of :func:`tune_malloc`: parameter -> (``mallopt`` number, value, the glibc
 #: environment variable that, when the user sets it, takes precedence).
 MALLOC_SETTINGS: dict[str, tuple[int, int, str]] = {
-    "M_ARENA_MAX": (-8, 1, "MALLOC_ARENA_MAX"),  # one arena: the sbrk heap (per-thread arenas are mmapped heaps)
+    # two arenas (the sbrk heap and one mmapped heap for all other threads): with one per thread the heaps are
+    # many and small; with a single one XLA's multi-threaded compiler waits on its lock (compiles 1.25x slower)
+    "M_ARENA_MAX": (-8, 2, "MALLOC_ARENA_MAX"),
     "M_MMAP_MAX": (-4, 0, "MALLOC_MMAP_MAX_"),  # large blocks from the heap too, never a fresh mmap
     "M_TRIM_THRESHOLD": (-1, -1, "MALLOC_TRIM_THRESHOLD_"),  # -1: never give freed memory back to the OS
 }
@@ -47,11 +49,11 @@ def tune_malloc(environ: dict[str, str] | None = None) -> list[str]:
 
     Why: XLA:CPU allocates its temporaries afresh on every execution. With glibc's defaults every block
     above the (dynamic) mmap threshold and every per-thread arena is mmapped and given back on free, so each
-    training step page-faults its whole working set in again: ~76,000 minor faults (~300 MB of zeroed
-    pages) per ResNet-18 + CBAM step at 64x64, batch 64, about 15 % of the step (benchmarks/RESULTS.md,
-    issue #13 section). With one arena, no mmap and no trimming the step takes no fault after its first
-    run. The cost: the process keeps its peak heap (a freed buffer is reused, not returned), about 1.35x the
-    peak resident memory of that step (1.8 GB instead of 1.35 GB). Numbers are unaffected.
+    training step page-faults its whole working set in again: ~77,000 minor faults (~300 MB of zeroed
+    pages) per ResNet-18 + CBAM step at 64x64, batch 64. With two arenas, no mmap and no trimming the step
+    takes no fault after its first run and is ~1.2x faster (benchmarks/RESULTS.md, issue #13 section). The
+    cost: the process keeps its peak heap (a freed buffer is reused, not returned), ~1.2-1.35x the peak
+    resident memory of that step (1.6-1.8 GB instead of 1.35 GB). Numbers are unaffected.
     """
     env = os.environ if environ is None else environ
     if env.get("FLAX_ATTN_NO_MALLOC_TUNING", "") not in ("", "0") or not sys.platform.startswith("linux"):
