@@ -1,4 +1,5 @@
-"""Forward + backward of the max reductions in the training step: the derivative formulations side by side.
+"""Forward + backward of the parts of a CBAM training step that XLA:CPU's generic lowering made expensive, each
+next to the formulation the package uses now: the max derivatives and the spatial gate's 7x7 convolution.
 
 Two kinds of max appear in a CBAM-ResNet training step and both need PyTorch's derivative (the whole gradient
 to one arg-max element):
@@ -19,7 +20,10 @@ Candidates, each jitted as ``grad(sum(f(x) * w))`` (forward and backward, one pr
 * pools: ``xla`` (``lax.reduce_window``, JAX's ``select_and_gather_add`` / ``select_and_scatter_add``) against
   ``max_pool`` (one pass over the window's strided views, backward a sum of strided pads).
 
-Usage: python benchmarks/bench_max_grad.py [--repeats 20]
+and the spatial gate's convolution (2 pooled channels in, 1 out): ``lax`` (``lax.conv_general_dilated``) against
+``gate_conv`` (one matmul against the kernel's banded matrices, ``flax_attn.layers._functional.gate_conv``).
+
+Usage: python benchmarks/bench_block_parts.py [--repeats 20]
 """
 
 from __future__ import annotations
@@ -37,9 +41,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import train.xla_flags  # noqa: F401,I001  (the training application's process defaults)
 from _timing import format_table, interleaved_medians, machine_description
 
-from flax_attn.layers._functional import _max_reduce, max_pool
+from flax_attn.layers._functional import _max_reduce, gate_conv, max_pool
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
@@ -120,6 +125,28 @@ def main() -> None:
         rows.append([what, str(shape), f"{t['xla'] * 1e3:.2f}", f"{t['max_pool'] * 1e3:.2f}",
                      f"{t['xla'] / t['max_pool']:.2f}x"])
     print(format_table(["max pool (fwd+bwd)", "input", "xla ms", "max_pool ms", "xla / max_pool"], rows))
+    rows = []
+    gates = [("main job layer1 (48x48 CIFAR stem)", (32, 48, 48, 2)), ("main job layer2", (32, 24, 24, 2)),
+             ("main job layer3", (32, 12, 12, 2)), ("ResNet-18 64x64 layer1", (64, 16, 16, 2)),
+             ("ResNet-18 224x224 layer1", (32, 56, 56, 2)), ("112x112 map (lax path: wider than 64)", (8, 112, 112, 2))]
+    dn = ("NHWC", "HWIO", "NHWC")
+    for what, shape in gates:
+        x = jnp.asarray(rng.standard_normal(shape, np.float32))
+        k = jnp.asarray(rng.standard_normal((7, 7, 2, 1), np.float32))
+        pad = ((3, 3), (3, 3))
+        dnums = jax.lax.conv_dimension_numbers(shape, k.shape, dn)
+        cands = {"lax": lambda v, k=k, p=pad, d=dnums: jax.lax.conv_general_dilated(v, k, (1, 1), p, dimension_numbers=d),
+                 "gate_conv": lambda v, k=k, p=pad, d=dnums: gate_conv(v, k, (1, 1), p, dimension_numbers=d)}
+        fns, grads = {}, {}
+        for name, f in cands.items():
+            fns[name], grads[name] = _grad_fn(f, x)
+        a, b = np.asarray(grads["lax"](x)), np.asarray(grads["gate_conv"](x))
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.abs(a).max())
+        t = interleaved_medians(fns, repeats=args.repeats)
+        rows.append([what, str(shape), f"{t['lax'] * 1e3:.2f}", f"{t['gate_conv'] * 1e3:.2f}",
+                     f"{t['lax'] / t['gate_conv']:.2f}x"])
+    print(format_table(["7x7 gate conv, 2 -> 1 (fwd+bwd w.r.t. input)", "input", "lax ms", "gate_conv ms",
+                        "lax / gate_conv"], rows))
 
 
 if __name__ == "__main__":

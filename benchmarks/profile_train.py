@@ -169,6 +169,7 @@ def main() -> None:
     p.add_argument("--compute_dtype", default="float32")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--top", type=int, default=12, help="also list the N most expensive HLO instructions")
+    p.add_argument("--hlo-out", default="", help="write the compiled HLO text here (to read the top instructions)")
     args = p.parse_args()
 
     from _timing import machine_description
@@ -188,6 +189,9 @@ def main() -> None:
     kernels |= {tuple(sorted((int(np.prod(v.shape[:3])), v.shape[3]))) for v in jax.tree.leaves(state.params)
                 if v.ndim == 4}
     classes = op_classes(compiled.as_text(), kernels)
+    if args.hlo_out:
+        with open(args.hlo_out, "w") as fh:
+            fh.write(compiled.as_text())
     for _ in range(2):
         state, m = fns.train_step(state, x, y)
         jax.block_until_ready(m["loss"])
