@@ -43,6 +43,9 @@ from train.cam import grad_cam, localisation_scores, save_cam_grid
 from train.config import RESUMABLE_FIELDS, Config, config_changes
 from train.models import build_model, check_model_names
 
+#: compiler options of the one-time initialisation (as ``flax_attn.models.create_model``'s): LLVM level 0
+_INIT_COMPILER_OPTIONS: dict[str, str | bool] = {"xla_backend_optimization_level": "0"}
+
 PIXEL_MEAN, PIXEL_STD = 0.5, 0.5
 log = logging.getLogger("train")
 
@@ -195,12 +198,21 @@ class Functions:
         self.train_graphdef = nnx.graphdef(abstract)
         abstract.eval()
         self.eval_graphdef = nnx.graphdef(abstract)
-        self.init = jax.jit(self._init, out_shardings=self.replicated)
+        self._init_jit = jax.jit(self._init, out_shardings=self.replicated)
+        self._init_compiled: Any = None
         self.train_step = jax.jit(self._train_step, donate_argnums=(0,),
                                   out_shardings=(self.replicated, self.replicated))
         self.eval_step = jax.jit(self._eval_step, out_shardings=self.replicated)
         self.cam_step = jax.jit(self._cam_step, out_shardings=self.replicated)
         self.cam_pred_step = jax.jit(self._cam_pred_step, out_shardings=self.replicated)
+
+    def init(self) -> TrainState:
+        """The initial training state, replicated over the mesh: one computation compiled at XLA's optimisation
+        level 0 (it runs once; LLVM's optimisation of its many small random-number kernels took most of the
+        init time, 13-15 s for the main job's network on 2 cores, and buys nothing at run time)."""
+        if self._init_compiled is None:
+            self._init_compiled = self._init_jit.lower().compile(compiler_options=_INIT_COMPILER_OPTIONS)
+        return self._init_compiled()
 
     def _new_model(self) -> nnx.Module:
         return build_model(self.config, num_classes=self.num_classes, in_chans=self.in_chans,
