@@ -5,22 +5,24 @@ backward, SGD-nesterov with masked weight decay, BatchNorm statistics update, bu
 ``flax_attn.models`` ResNet-18 with the official CBAM block (``attn="cbam_official"``, torchvision stem,
 width 64). PyTorch: ``torch_ref.resnet.cbam_resnet18`` (the same architecture and block) with a standard
 eager training step (``zero_grad``, forward, ``cross_entropy``, ``backward``, ``SGD(nesterov).step``).
-Both use float32, 3 input channels, 10 classes. The candidates are timed round-robin so that machine noise
-hits them alike; the table reports the median step time.
+Both use float32, 3 input channels, 10 classes. Every candidate runs in its own worker process holding its
+built (compiled) step; the parent asks them for one step in turn (round-robin, so that machine noise hits them
+alike) and reports the median step time.
 
     python benchmarks/bench_train.py [--repeats 5] [--batch 64] [--sizes 64,96]     # Flax vs PyTorch
     python benchmarks/bench_train.py --xla-variants [--sizes 64]   # XLA:CPU options side by side (Flax only)
     python benchmarks/bench_train.py --main-job                    # CBAM step / plain step, Flax and PyTorch
 
-``--xla-variants`` runs one worker process per candidate (``XLA_FLAGS`` is read once per process, so every
-candidate needs its own), each holding its compiled step; the parent asks them for one step in turn, so the
-candidates are still interleaved. ``--main-job`` times the main job's configuration (``train.main_job``:
+``--xla-variants`` compares Flax candidates with different XLA_FLAGS / allocator settings (read once per
+process, hence the workers). ``--main-job`` times the main job's configuration (``train.main_job``:
 width 8, CIFAR stem, 48x48, batch 32) with and without CBAM, and the same network in PyTorch (built here
 from ``torch_ref``'s block and the official CBAM, since ``torch_ref.resnet`` is torchvision-width only).
 
-Everything runs with the training application's process defaults (``train/xla_flags.py``: XLA:CPU flags unless
-the environment sets ``XLA_FLAGS`` or ``FLAX_ATTN_NO_XLA_DEFAULTS=1``; the glibc allocator settings unless
-``FLAX_ATTN_NO_MALLOC_TUNING=1``), for Flax and PyTorch alike (one process).
+The Flax workers run with the training application's process defaults (``train/xla_flags.py``: XLA:CPU flags
+unless the environment sets ``XLA_FLAGS`` or ``FLAX_ATTN_NO_XLA_DEFAULTS=1``; the glibc allocator settings
+unless ``FLAX_ATTN_NO_MALLOC_TUNING=1``); the PyTorch workers with glibc's defaults, what a PyTorch user runs
+(PyTorch's eager step is slower under the Flax side's allocator settings: the Flax vs PyTorch table also shows
+PyTorch with them).
 """
 
 from __future__ import annotations
@@ -29,19 +31,22 @@ import argparse
 import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# FLAX_ATTN_BENCH_ROOT: import flax_attn / train / torch_ref from another checkout (``--against``'s workers)
+sys.path.insert(0, os.environ.get("FLAX_ATTN_BENCH_ROOT") or os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import train.xla_flags  # noqa: F401,I001  (process defaults: XLA flags, allocator; before JAX starts threads)
 
 import jax
 import numpy as np
-from _timing import interleaved_medians, machine_description
+from _timing import machine_description
 
 #: candidates of ``--xla-variants``: name -> (XLA_FLAGS, compute dtype, jax_default_matmul_precision, extra
 #: environment). Every candidate runs without the training application's defaults (``FLAX_ATTN_NO_XLA_DEFAULTS``,
@@ -54,7 +59,7 @@ XLA_VARIANTS: dict[str, tuple[str, str, str, dict[str, str]]] = {
     "malloc tuned": ("", "float32", "", _TUNED),
     "xla default (2nd process)": ("", "float32", "", _PLAIN),
     "malloc tuned (2nd process)": ("", "float32", "", _TUNED),
-    "malloc tuned, 1 arena": ("", "float32", "", {**_TUNED, "MALLOC_ARENA_MAX": "1"}),
+    "malloc tuned with 1 arena": ("", "float32", "", {**_TUNED, "MALLOC_ARENA_MAX": "1"}),
     "onednn": ("--xla_cpu_use_onednn=true", "float32", "", _PLAIN),
     "onednn without ynn dot": ("--xla_cpu_use_onednn=true --xla_cpu_experimental_ynn_fusion_type=-dot", "float32", "",
                                _PLAIN),
@@ -159,10 +164,26 @@ def torch_small_resnet18(width: int, *, cbam: bool, num_classes: int = 10):
 # --------------------------------------------------------------------------------------------------
 
 
-def _worker(args: argparse.Namespace) -> None:
-    """Compiles one step, prints ``ready``, then times one step per line read from stdin."""
+def _make_step(spec: dict) -> Callable[[], None]:
+    """The step function of a worker spec: ``{"framework": "flax", "batch", "size", "dtype", "attn", "width",
+    "stem"}`` or ``{"framework": "torch", "batch", "size", "model": "cbam_resnet18" | "small_plain" |
+    "small_cbam", "width", "threads"}``."""
+    if spec["framework"] == "torch":
+        import torch
+
+        torch.set_num_threads(spec.get("threads", 2))
+        if spec["model"] == "cbam_resnet18":
+            return torch_step(spec["batch"], spec["size"])
+        model = torch_small_resnet18(spec["width"], cbam=spec["model"] == "small_cbam")
+        return _torch_train_step(model, spec["batch"], spec["size"])
+    return flax_step(spec["batch"], spec["size"], spec.get("dtype", "float32"), attn=spec.get("attn", "cbam_official"),
+                     width=spec.get("width", 64), stem=spec.get("stem", "torchvision"))
+
+
+def _worker(spec_json: str) -> None:
+    """Builds one step (and compiles it), prints ``ready``, then times one step per line read from stdin."""
     t0 = time.perf_counter()
-    step = flax_step(args.batch, int(args.sizes.split(",")[0]), args.worker_dtype)
+    step = _make_step(json.loads(spec_json))
     step()
     print(json.dumps({"ready": time.perf_counter() - t0}), flush=True)
     for line in sys.stdin:
@@ -175,40 +196,61 @@ def _worker(args: argparse.Namespace) -> None:
         print(json.dumps({"t": t, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0}), flush=True)
 
 
-def run_variants(variants: dict[str, tuple[str, str, str, dict[str, str]]], *, batch: int, size: int, repeats: int,
-                 warmup: int) -> dict[str, tuple[float, float]]:
-    """Median step time of each candidate, measured round-robin across worker processes (started one at a
-    time, so that their compilations do not overlap the timing)."""
+#: seconds between resuming a stopped worker and timing its step
+PAUSE = 0.1
+
+
+def run_workers(candidates: dict[str, tuple[dict, dict[str, str]]], *, repeats: int, warmup: int
+                ) -> dict[str, tuple[float, float]]:
+    """Median step time and minor page faults per step of each candidate ``name -> (spec, environment)``, each
+    in its own process, measured round-robin (the processes are started one at a time, so that their
+    compilations do not overlap the timing). Every worker but the one being timed is stopped (SIGSTOP): idle
+    JAX and PyTorch processes keep threads spinning or polling, which slowed the timed one by up to 1.5x."""
     procs = {}
-    for name, (flags, dtype, precision, extra_env) in variants.items():
-        env = dict(os.environ, XLA_FLAGS=flags, **extra_env)
-        if precision:
-            env["JAX_DEFAULT_MATMUL_PRECISION"] = precision
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--batch", str(batch), "--sizes", str(size),
-               "--worker-dtype", dtype]
-        p = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        line = p.stdout.readline() if p.stdout else ""
-        if not line:
-            raise RuntimeError(f"variant {name!r} ({flags!r}) did not start (exit code {p.wait()})")
-        procs[name] = p
-    times: dict[str, list[float]] = {k: [] for k in procs}
-    faults: dict[str, list[float]] = {k: [] for k in procs}
     try:
+        for name, (spec, extra_env) in candidates.items():
+            env = dict(os.environ, **extra_env)
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
+            p = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            procs[name] = p
+            line = p.stdout.readline() if p.stdout else ""
+            if not line:
+                raise RuntimeError(f"candidate {name!r} ({spec}, {extra_env}) did not start (exit code {p.wait()})")
+            os.kill(p.pid, signal.SIGSTOP)
+        times: dict[str, list[float]] = {k: [] for k in procs}
+        faults: dict[str, list[float]] = {k: [] for k in procs}
         for r in range(warmup + repeats):
             for name, p in procs.items():
                 assert p.stdin is not None and p.stdout is not None
+                os.kill(p.pid, signal.SIGCONT)
+                time.sleep(PAUSE)
                 p.stdin.write("step\n")
                 p.stdin.flush()
                 rec = json.loads(p.stdout.readline())
+                os.kill(p.pid, signal.SIGSTOP)
                 if r >= warmup:
                     times[name].append(rec["t"])
                     faults[name].append(rec["faults"])
     finally:
         for p in procs.values():
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGCONT)
             if p.stdin:
                 p.stdin.close()
             p.wait()
     return {k: (statistics.median(v), statistics.median(faults[k])) for k, v in times.items()}
+
+
+def run_variants(variants: dict[str, tuple[str, str, str, dict[str, str]]], *, batch: int, size: int, repeats: int,
+                 warmup: int) -> dict[str, tuple[float, float]]:
+    """:func:`run_workers` for XLA:CPU variants of the Flax step (XLA_FLAGS, dtype, matmul precision, env)."""
+    cands = {}
+    for name, (flags, dtype, precision, extra_env) in variants.items():
+        env = dict(extra_env, XLA_FLAGS=flags)
+        if precision:
+            env["JAX_DEFAULT_MATMUL_PRECISION"] = precision
+        cands[name] = ({"framework": "flax", "batch": batch, "size": size, "dtype": dtype}, env)
+    return run_workers(cands, repeats=repeats, warmup=warmup)
 
 
 def _load() -> str:
@@ -226,11 +268,13 @@ def main() -> None:
     p.add_argument("--xla-variants", nargs="?", const=",".join(XLA_VARIANTS), default=None, metavar="NAMES",
                    help=f"compare XLA:CPU options (comma-separated subset of {list(XLA_VARIANTS)}; default all)")
     p.add_argument("--main-job", action="store_true", help="CBAM step / plain step in the main job's configuration")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--worker-dtype", default="float32", help=argparse.SUPPRESS)
+    p.add_argument("--against", default="", metavar="DIR",
+                   help="also time the Flax step of another checkout (e.g. a git worktree of an older commit), "
+                        "in its own worker with that checkout's process defaults")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.worker:
-        _worker(args)
+    if args.worker is not None:
+        _worker(args.worker)
         return
     import torch
 
@@ -263,42 +307,61 @@ def main() -> None:
                                                f"malloc tuned{arenas}" if tuned else "") if s) or "-"
                 print(f"| {name} | `{setting}` | {1e3 * t:.0f} | {base / t:.2f}x | {nf:,.0f} |", flush=True)
         return
+    # each candidate in its own process: Flax with the training application's process defaults, PyTorch with
+    # glibc's defaults (what a PyTorch user runs; PyTorch's eager step is slower under our allocator settings,
+    # so it is also shown with them for reference)
+    torch_env = {"FLAX_ATTN_NO_MALLOC_TUNING": "1"}
+    torch_tuned = {"FLAX_ATTN_NO_MALLOC_TUNING": "0"}
     if args.main_job:
         from train.main_job import MAIN_JOB_CONFIG as M
 
         b, s, w = M.batch_size, M.image_size, M.width
-        fns = {
-            "Flax plain": flax_step(b, s, attn="none", width=w, stem=M.stem),
-            "Flax CBAM (official)": flax_step(b, s, attn="cbam_official", width=w, stem=M.stem),
-            "Flax CBAM (paper)": flax_step(b, s, attn="cbam", width=w, stem=M.stem),
-            "PyTorch plain": _torch_train_step(torch_small_resnet18(w, cbam=False), b, s),
-            "PyTorch CBAM (official)": _torch_train_step(torch_small_resnet18(w, cbam=True), b, s),
+        flax = {"framework": "flax", "batch": b, "size": s, "width": w, "stem": M.stem}
+        tch = {"framework": "torch", "batch": b, "size": s, "width": w, "threads": args.threads}
+        cands = {
+            "Flax plain": ({**flax, "attn": "none"}, {}),
+            "Flax CBAM (official)": ({**flax, "attn": "cbam_official"}, {}),
+            "Flax CBAM (paper)": ({**flax, "attn": "cbam"}, {}),
+            "PyTorch plain": ({**tch, "model": "small_plain"}, torch_env),
+            "PyTorch CBAM (official)": ({**tch, "model": "small_cbam"}, torch_env),
         }
-        med = interleaved_medians(fns, repeats=args.repeats, warmup=args.warmup)
+        if args.against:
+            old = {"FLAX_ATTN_BENCH_ROOT": os.path.abspath(args.against)}
+            cands["Flax plain at --against"] = ({**flax, "attn": "none"}, old)
+            cands["Flax CBAM (official) at --against"] = ({**flax, "attn": "cbam_official"}, old)
+            cands["Flax CBAM (paper) at --against"] = ({**flax, "attn": "cbam"}, old)
+        med = run_workers(cands, repeats=args.repeats, warmup=args.warmup)
         print(f"\nmain job configuration: ResNet-18 width {w}, {M.stem} stem, {s}x{s}, batch {b}, float32; median of "
-              f"{args.repeats} interleaved steps; {_load()} at the end\n")
+              f"{args.repeats} interleaved steps, one process per candidate; {_load()} at the end\n")
         print("| implementation | step ms | images/s | / plain (same framework) |")
         print("|---|---:|---:|---:|")
-        for name, t in med.items():
-            plain = med["Flax plain"] if name.startswith("Flax") else med["PyTorch plain"]
+        for name, (t, _) in med.items():
+            plain = med[("Flax plain" if name.startswith("Flax") else "PyTorch plain")
+                        + (" at --against" if name.endswith(" at --against") else "")][0]
             print(f"| {name} | {1e3 * t:.1f} | {b / t:.0f} | {t / plain:.2f}x |")
         return
     print(f"ResNet-18 + CBAM (official block), 3 input channels, batch {args.batch}, float32, train step = "
-          f"forward + backward + SGD update; median of {args.repeats} interleaved steps\n")
-    print("| input | implementation | step time (ms) | images/s | Flax / PyTorch |")
+          f"forward + backward + SGD update; median of {args.repeats} interleaved steps, one process per "
+          f"candidate\n")
+    print("| input | implementation | step time (ms) | images/s | Flax / this |")
     print("|---|---|---:|---:|---:|")
     for size in (int(v) for v in args.sizes.split(",")):
-        fns = {
-            "Flax (jax.jit, donated state)": flax_step(args.batch, size),
-            "PyTorch eager (torch_ref)": torch_step(args.batch, size),
+        tch = {"framework": "torch", "batch": args.batch, "size": size, "model": "cbam_resnet18",
+               "threads": args.threads}
+        cands = {
+            "Flax (jax.jit, donated state)": ({"framework": "flax", "batch": args.batch, "size": size}, {}),
+            "PyTorch eager (torch_ref), glibc malloc defaults": (tch, torch_env),
+            "PyTorch eager, with the Flax side's malloc settings": (tch, torch_tuned),
         }
-        med = interleaved_medians(fns, repeats=args.repeats, warmup=args.warmup)
-        names = list(med)
-        for name, t in med.items():
-            ratio = f"{med[names[1]] / med[names[0]]:.2f}x" if name == names[0] else ""
+        if args.against:
+            cands["Flax at --against"] = ({"framework": "flax", "batch": args.batch, "size": size},
+                                          {"FLAX_ATTN_BENCH_ROOT": os.path.abspath(args.against)})
+        med = run_workers(cands, repeats=args.repeats, warmup=args.warmup)
+        flax_t = med["Flax (jax.jit, donated state)"][0]
+        for name, (t, _) in med.items():
+            ratio = "" if name == "Flax (jax.jit, donated state)" else f"{t / flax_t:.2f}x"
             print(f"| {size}x{size} | {name} | {1e3 * t:.1f} | {args.batch / t:.0f} | {ratio} |", flush=True)
     print(f"\n({_load()} at the end)")
-
 
 if __name__ == "__main__":
     main()
