@@ -25,6 +25,9 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+# the project's process defaults (glibc allocator settings, train/xla_flags.py) for both frameworks in this process;
+# FLAX_ATTN_NO_MALLOC_TUNING=1 runs both with glibc's defaults
+import train.xla_flags  # noqa: E402,F401,I001
 import torch_ref  # noqa: E402
 from _timing import format_table, interleaved_medians, machine_description, median_time  # noqa: E402
 

@@ -65,6 +65,8 @@ XLA_VARIANTS: dict[str, tuple[str, str, str, dict[str, str]]] = {
                                _PLAIN),
     "no ynn dot": ("--xla_cpu_experimental_ynn_fusion_type=-dot", "float32", "", _PLAIN),
     "ynn +eltwise+reduce": ("--xla_cpu_experimental_ynn_fusion_type=+eltwise,+reduce", "float32", "", _PLAIN),
+    "no ynn reduce": ("--xla_cpu_experimental_ynn_fusion_type=-reduce", "float32", "", _TUNED),
+    "no ynn dot, no ynn reduce": ("--xla_cpu_experimental_ynn_fusion_type=-dot,-reduce", "float32", "", _TUNED),
     "xnn dot+eltwise+reduce": ("--xla_cpu_experimental_xnn_fusion_type=dot,eltwise,reduce", "float32", "", _PLAIN),
     "xnn graph greedy": ("--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY", "float32", "",
                          _PLAIN),

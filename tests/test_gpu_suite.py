@@ -115,32 +115,26 @@ def test_malloc_tuning_respects_the_user_and_the_platform(monkeypatch):
 
 
 def test_malloc_tuning_takes_effect_in_a_fresh_process():
-    """Imported first (``import train``), the settings hold and a repeated large XLA computation stops
-    page-faulting after its first run (glibc's defaults re-fault every large temporary on every run)."""
+    """``import train`` applies the allocator settings first thing in a fresh process (before JAX, orbax or
+    tensorstore start threads), and not with FLAX_ATTN_NO_MALLOC_TUNING=1. (Their effect, no page faults per
+    training step, is measured by ``benchmarks/bench_train.py --xla-variants``: a fault count depends on which
+    thread allocates, so it is not asserted here.)"""
+    import os
     import subprocess
     import sys
 
-    code = (
-        "import resource, train, jax, jax.numpy as jnp\n"
-        "f = jax.jit(lambda a: jnp.tanh(a @ a.T).sum() + jnp.cumsum(a, 0).sum())\n"
-        "a = jnp.ones((4096, 2048)) * 1e-3\n"
-        "for _ in range(3): f(a).block_until_ready()\n"
-        "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-        "for _ in range(3): f(a).block_until_ready()\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)\n"
-    )
-    import os
+    code = "import train, train.xla_flags as xf\nprint(xf.JAX_WAS_IMPORTED, ','.join(xf.MALLOC_APPLIED))\n"
 
-    def faults(**env: str) -> int:
+    def run(**env: str) -> tuple[str, str]:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                             env=dict(os.environ, **env)).stdout
-        return int(out.split()[-1])
+                             env=dict(os.environ, **env)).stdout.split()
+        return out[0], (out[1] if len(out) > 1 else "")
 
-    if not sys.platform.startswith("linux"):  # glibc settings: Linux only, elsewhere nothing is applied
-        import train.xla_flags as xf
-
-        assert xf.tune_malloc({}) == []
-        return
-    tuned, plain = faults(), faults(FLAX_ATTN_NO_MALLOC_TUNING="1")
-    assert plain > 1000, plain  # the effect this setting exists for (64 MB temporaries re-faulted per run)
-    assert tuned < plain / 10, (tuned, plain)
+    jax_first, applied = run()
+    assert jax_first == "False"  # train/__init__ imports the defaults before anything imports JAX
+    if sys.platform.startswith("linux"):
+        assert applied == "M_ARENA_MAX,M_MMAP_MAX,M_TRIM_THRESHOLD"
+    else:  # glibc settings: Linux only, elsewhere nothing is applied
+        assert applied == ""
+    assert run(FLAX_ATTN_NO_MALLOC_TUNING="1")[1] == ""
+    assert run(MALLOC_ARENA_MAX="4")[1] == ("M_MMAP_MAX,M_TRIM_THRESHOLD" if sys.platform.startswith("linux") else "")

@@ -67,5 +67,9 @@ def tune_malloc(environ: dict[str, str] | None = None) -> list[str]:
             if env_name not in env and mallopt(param, value) == 1]
 
 
+#: whether JAX had been imported before these defaults were set (then XLA_FLAGS may still apply, as long as no
+#: backend had started, but JAX's threads may already hold their own malloc arenas)
+JAX_WAS_IMPORTED: bool = "jax" in sys.modules
 apply_defaults()
-tune_malloc()
+#: the allocator settings applied when this module was first imported (see :func:`tune_malloc`)
+MALLOC_APPLIED: list[str] = tune_malloc()
