@@ -50,8 +50,10 @@ def tune_malloc(environ: dict[str, str] | None = None) -> list[str]:
     Why: XLA:CPU allocates its temporaries afresh on every execution. With glibc's defaults every block
     above the (dynamic) mmap threshold and every per-thread arena is mmapped and given back on free, so each
     training step page-faults its whole working set in again: ~77,000 minor faults (~300 MB of zeroed
-    pages) per ResNet-18 + CBAM step at 64x64, batch 64. With two arenas, no mmap and no trimming the step
-    takes no fault after its first run and is ~1.2x faster (benchmarks/RESULTS.md, issue #13 section). The
+    pages) per ResNet-18 + CBAM step at 64x64, batch 64. With two arenas, no mmap and no trimming that step
+    takes no fault after its first run and is ~1.2x faster (benchmarks/RESULTS.md, issue #13 section). Limit:
+    a temporary larger than the second arena's heap (64 MB) allocated by an XLA worker thread is still a fresh
+    mmap (at 96x96: 168,000 faults per step instead of 177,000, no measurable gain). The
     cost: the process keeps its peak heap (a freed buffer is reused, not returned), ~1.2-1.35x the peak
     resident memory of that step (1.6-1.8 GB instead of 1.35 GB). Numbers are unaffected.
     """
