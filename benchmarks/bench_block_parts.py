@@ -82,6 +82,16 @@ def _grad_fn(f, x):
     return run, g
 
 
+def _time_equal_grads(cands: dict, x: jax.Array, same: tuple[str, str], repeats: int) -> dict[str, float]:
+    """Median fwd+bwd time of each candidate at ``x``, after checking that the two named in ``same`` give
+    bit-identical gradients."""
+    fns, grads = {}, {}
+    for name, f in cands.items():
+        fns[name], grads[name] = _grad_fn(f, x)
+    np.testing.assert_array_equal(np.asarray(grads[same[0]](x)), np.asarray(grads[same[1]](x)))
+    return interleaved_medians(fns, repeats=repeats)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=20)
@@ -99,11 +109,7 @@ def main() -> None:
         x = jnp.asarray(rng.standard_normal(shape, np.float32))
         cands = {"gather": lambda v, a=axes: max_gather(v, a), "one-hot": lambda v, a=axes: _max_reduce(v, a),
                  "jnp.max": lambda v, a=axes: jnp.max(v, axis=a)}
-        fns, grads = {}, {}
-        for name, f in cands.items():
-            fns[name], grads[name] = _grad_fn(f, x)
-        np.testing.assert_array_equal(np.asarray(grads["gather"](x)), np.asarray(grads["one-hot"](x)))
-        t = interleaved_medians(fns, repeats=args.repeats)
+        t = _time_equal_grads(cands, x, ("gather", "one-hot"), args.repeats)
         rows.append([what, str(shape), f"{t['gather'] * 1e3:.2f}", f"{t['one-hot'] * 1e3:.2f}",
                      f"{t['jnp.max'] * 1e3:.2f}", f"{t['gather'] / t['one-hot']:.2f}x"])
     print(format_table(["max reduction", "input", "gather ms", "one-hot ms", "jnp.max ms", "gather / one-hot"],
@@ -117,11 +123,7 @@ def main() -> None:
         x = jnp.asarray(rng.standard_normal(shape, np.float32))
         cands = {"xla": lambda v, k=k, s=s, p=p: xla_pool(v, k, s, p),
                  "max_pool": lambda v, k=k, s=s, p=p: max_pool(v, (k, k), (s, s), ((p, p), (p, p)))}
-        fns, grads = {}, {}
-        for name, f in cands.items():
-            fns[name], grads[name] = _grad_fn(f, x)
-        np.testing.assert_array_equal(np.asarray(grads["xla"](x)), np.asarray(grads["max_pool"](x)))
-        t = interleaved_medians(fns, repeats=args.repeats)
+        t = _time_equal_grads(cands, x, ("xla", "max_pool"), args.repeats)
         rows.append([what, str(shape), f"{t['xla'] * 1e3:.2f}", f"{t['max_pool'] * 1e3:.2f}",
                      f"{t['xla'] / t['max_pool']:.2f}x"])
     print(format_table(["max pool (fwd+bwd)", "input", "xla ms", "max_pool ms", "xla / max_pool"], rows))

@@ -66,7 +66,7 @@ XLA_VARIANTS: dict[str, tuple[str, str, str, dict[str, str]]] = {
     "no ynn dot": ("--xla_cpu_experimental_ynn_fusion_type=-dot", "float32", "", _PLAIN),
     "ynn +eltwise+reduce": ("--xla_cpu_experimental_ynn_fusion_type=+eltwise,+reduce", "float32", "", _PLAIN),
     "no ynn reduce": ("--xla_cpu_experimental_ynn_fusion_type=-reduce", "float32", "", _TUNED),
-    "no ynn dot, no ynn reduce": ("--xla_cpu_experimental_ynn_fusion_type=-dot,-reduce", "float32", "", _TUNED),
+    "no ynn dot and no ynn reduce": ("--xla_cpu_experimental_ynn_fusion_type=-dot,-reduce", "float32", "", _TUNED),
     "xnn dot+eltwise+reduce": ("--xla_cpu_experimental_xnn_fusion_type=dot,eltwise,reduce", "float32", "", _PLAIN),
     "xnn graph greedy": ("--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY", "float32", "",
                          _PLAIN),
@@ -286,6 +286,7 @@ def main() -> None:
     if args.xla_variants is not None:
         names = [n.strip() for n in args.xla_variants.split(",") if n.strip()]
         unknown = [n for n in names if n not in XLA_VARIANTS]
+        assert not any("," in n for n in XLA_VARIANTS), "variant names are comma-separated on the command line"
         if unknown:
             p.error(f"unknown --xla-variants {unknown}: expected some of {list(XLA_VARIANTS)}")
         chosen = {n: XLA_VARIANTS[n] for n in names}
